@@ -1,0 +1,157 @@
+"""Configuration of an Energy-Based Transformer (EBT).
+
+Field names follow `transformers` (Llama) for the transformer and the reference implementation
+(github alexiglad/EBT) for the energy-descent options, so users of either find their way. The defaults are
+the paper's System 1 recipe for the "xxs" size on a byte-level vocabulary.
+"""
+
+from transformers import PreTrainedConfig
+
+EBT_TYPES = ("default", "time_embed")
+INITIAL_CONDITIONS = ("random_noise", "zeros")
+
+
+class EBTConfig(PreTrainedConfig):
+    r"""
+    Transformer:
+        vocab_size, hidden_size, intermediate_size (default: hidden_size, the reference's ffn multiplier 1),
+        num_hidden_layers, num_attention_heads, num_key_value_heads (GQA/MQA; default: num_attention_heads),
+        rms_norm_eps, rope_theta, max_position_embeddings (the longest `input_ids` the model accepts; the
+        reference's `context_length` + 1), sliding_window (None: full attention; W: each token sees the last W
+        observed tokens, see the README).
+
+    Energy descent ("thinking"; names of the reference):
+        ebt_type: "default" (one energy landscape) or "time_embed" (one learned landscape token per step).
+        mcmc_num_steps: descent steps in training (and the number of landscapes for "time_embed").
+        mcmc_step_size: initial step size α. mcmc_step_size_learnable: train α.
+        mcmc_step_size_lr_multiplier: α's learning rate = base lr × this (see `ebt_optimizer_groups`).
+        denoising_initial_condition: "random_noise" (N(0, gaussian_random_noise_scaling²)) or "zeros".
+        normalize_initial_condition: descend on softmax(logits) (the paper); otherwise on the raw logits.
+        vocab_to_embed_uses_prob_dist: embed candidates with the tied token embedding matrix (p · E) instead of a
+            separate V×D linear.
+        langevin_dynamics_noise: std of the Gaussian noise added to the logits before every step.
+
+    System 2 training (only active in training mode):
+        randomize_mcmc_num_steps: R > 0 draws the number of steps on the last landscape uniformly from
+            [randomize_mcmc_num_steps_min, R + 1] (evaluation uses R + 1).
+        randomize_mcmc_step_size_scale: s > 1 scales α per position by U[1/s, s].
+        mcmc_replay_buffer: start part of each batch from the final logits of earlier batches
+            (mcmc_replay_buffer_size sequences kept, mcmc_replay_buffer_sample_fraction of the batch replaced).
+        truncate_mcmc: only the last step enters the loss and the graph (earlier steps are first-order).
+        no_mcmc_detach: backpropagate through the whole chain instead of detaching between steps.
+        contrastive_loss_coeff: weight of a contrastive term that pushes the true next token's energy below the
+            prediction's (0 disables it).
+    """
+
+    model_type = "ebt"
+
+    vocab_size: int = 257
+    hidden_size: int = 384
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 257
+    sliding_window: int | None = None
+    initializer_gain: float = 1.0
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+
+    ebt_type: str = "time_embed"
+    mcmc_num_steps: int = 2
+    mcmc_step_size: float = 500.0
+    mcmc_step_size_learnable: bool = True
+    mcmc_step_size_lr_multiplier: float = 1500.0
+    denoising_initial_condition: str = "random_noise"
+    gaussian_random_noise_scaling: float = 1.0
+    normalize_initial_condition: bool = True
+    vocab_to_embed_uses_prob_dist: bool = False
+    langevin_dynamics_noise: float = 0.0
+
+    randomize_mcmc_num_steps: int = 0
+    randomize_mcmc_num_steps_min: int = 1
+    randomize_mcmc_step_size_scale: float = 1.0
+    mcmc_replay_buffer: bool = False
+    mcmc_replay_buffer_size: int = 1024
+    mcmc_replay_buffer_sample_fraction: float = 0.5
+    truncate_mcmc: bool = False
+    no_mcmc_detach: bool = False
+    contrastive_loss_coeff: float = 0.0
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = self.hidden_size
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self._check_values()
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_landscapes(self) -> int:
+        """Energy landscapes: one per training step for `time_embed`, a single one for `default`."""
+        return self.mcmc_num_steps if self.ebt_type == "time_embed" else 1
+
+    def _check_values(self):
+        def require(ok, field, expected):
+            if not ok:
+                raise ValueError(f"EBTConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value):
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "mcmc_num_steps",
+                      "mcmc_replay_buffer_size"):
+            require(is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "an integer >= 1")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                f"a multiple of num_attention_heads={self.num_attention_heads}")
+        require(self.head_dim % 2 == 0, "hidden_size",
+                "hidden_size / num_attention_heads to be even (rotary embeddings rotate pairs of dimensions)")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                f"a divisor of num_attention_heads={self.num_attention_heads}")
+        require(self.sliding_window is None or (is_int(self.sliding_window)
+                and 1 <= self.sliding_window <= self.max_position_embeddings), "sliding_window",
+                f"None or an integer in [1, max_position_embeddings={self.max_position_embeddings}]")
+        for field in ("rms_norm_eps", "rope_theta", "mcmc_step_size", "initializer_gain"):
+            require(is_number(getattr(self, field)) and getattr(self, field) > 0, field, "a number > 0")
+        for field in ("mcmc_step_size_lr_multiplier", "gaussian_random_noise_scaling", "langevin_dynamics_noise",
+                      "contrastive_loss_coeff"):
+            require(is_number(getattr(self, field)) and getattr(self, field) >= 0, field, "a number >= 0")
+        require(self.ebt_type in EBT_TYPES, "ebt_type", f"one of {EBT_TYPES}")
+        require(self.denoising_initial_condition in INITIAL_CONDITIONS, "denoising_initial_condition",
+                f"one of {INITIAL_CONDITIONS}")
+        require(is_int(self.randomize_mcmc_num_steps) and self.randomize_mcmc_num_steps >= 0,
+                "randomize_mcmc_num_steps", "an integer >= 0 (0 disables random step counts)")
+        require(is_int(self.randomize_mcmc_num_steps_min)
+                and 1 <= self.randomize_mcmc_num_steps_min <= self.randomize_mcmc_num_steps + 1,
+                "randomize_mcmc_num_steps_min", f"an integer in [1, randomize_mcmc_num_steps + 1 = "
+                f"{self.randomize_mcmc_num_steps + 1}]")
+        require(is_number(self.randomize_mcmc_step_size_scale) and self.randomize_mcmc_step_size_scale >= 1,
+                "randomize_mcmc_step_size_scale", "a number >= 1 (1 disables random step sizes)")
+        require(is_number(self.mcmc_replay_buffer_sample_fraction)
+                and 0 < self.mcmc_replay_buffer_sample_fraction < 1, "mcmc_replay_buffer_sample_fraction",
+                "a number in (0, 1)")
+        for field in ("mcmc_step_size_learnable", "normalize_initial_condition", "vocab_to_embed_uses_prob_dist",
+                      "mcmc_replay_buffer", "truncate_mcmc", "no_mcmc_detach"):
+            require(isinstance(getattr(self, field), bool), field, "True or False")
+        require(self.normalize_initial_condition or not self.vocab_to_embed_uses_prob_dist,
+                "vocab_to_embed_uses_prob_dist", "False when normalize_initial_condition=False (p · E needs a "
+                "probability distribution)")
+        require(not self.tie_word_embeddings, "tie_word_embeddings",
+                "False: an EBT has no output embedding to tie (use vocab_to_embed_uses_prob_dist to share the "
+                "token embedding with the candidates)")
+
+
+__all__ = ["EBTConfig"]
