@@ -573,7 +573,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                                     output_step_logits=output_step_logits, thinking=thinking)
         thinking = thinking or ThinkingConfig()
         create_graph = torch.is_grad_enabled()
-        use_cache = (self.config.use_cache if use_cache is None else use_cache) and not thinking.recompute
+        if use_cache is None:  # a cache serves generation, not training
+            use_cache = self.config.use_cache and labels is None and not self.training
+        use_cache = use_cache and not thinking.recompute
         if use_cache and cache is None:
             cache = self.model.new_cache()
         past = 0
