@@ -323,7 +323,7 @@ class EBTModel(EBTPreTrainedModel):
             hidden, _ = layer(hidden, cos, sin, mask, attention_fn, context_kv=kv)
         return self.energy_head(self.norm(hidden)).squeeze(-1)
 
-    def energy_recompute(self, input_ids, probs, landscape=0, attention_mask=None) -> torch.Tensor:
+    def energy_recompute(self, input_ids, probs, landscape=0, attention_mask=None, position_ids=None) -> torch.Tensor:
         """The reference's way, kept as a baseline and test oracle: both streams recomputed together through one
         masked attention over all observed and candidate tokens (batch × seq candidates, one per position)."""
         batch, seq = input_ids.shape
@@ -333,7 +333,12 @@ class EBTModel(EBTPreTrainedModel):
             observed = torch.cat((self.time_embeddings.weight[landscape].expand(batch, 1, -1), observed), dim=1)
         n_obs = seq + prefix
         hidden = torch.cat((observed, self.embed_candidates(probs)), dim=1)
-        positions = torch.cat((torch.arange(n_obs), torch.arange(seq) + prefix + 1)).to(device).expand(batch, -1)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=device).expand(batch, -1)
+        parts = [position_ids + prefix, position_ids + prefix + 1]  # observed tokens, then candidates
+        if prefix:
+            parts.insert(0, torch.zeros_like(position_ids[:, :1]))  # the landscape token
+        positions = torch.cat(parts, dim=1)
         key_valid = None
         if attention_mask is not None:
             key_valid = attention_mask.new_ones(batch, n_obs + seq)
@@ -643,7 +648,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                 for chunk in probs.chunk(n_cand, dim=1):  # other positions hold the uniform distribution
                     full = probs.new_full((*input_ids.shape, probs.shape[-1]), 1 / probs.shape[-1])
                     full[:, keep] = chunk
-                    out.append(self.model.energy_recompute(input_ids, full, landscape, attention_mask)[:, keep])
+                    energies = self.model.energy_recompute(input_ids, full, landscape, attention_mask, position_ids)
+                    out.append(energies[:, keep])
                 return torch.cat(out, dim=1)
             return recompute_energy
         with torch.set_grad_enabled(create_graph):
