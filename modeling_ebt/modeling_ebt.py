@@ -532,11 +532,11 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             probs = F.softmax(noisy, dim=-1) if self.config.normalize_initial_condition else noisy
             energy = energy_fn(probs, landscape)
             graph = create_graph and (not truncate or k == len(schedule) - 1)
-            (grad,) = torch.autograd.grad(energy.sum(), probs, create_graph=graph)
+            (grad,) = torch.autograd.grad(energy.sum(), probs, create_graph=graph, retain_graph=create_graph)
             if not (torch.isfinite(energy).all() and torch.isfinite(grad).all()):
                 raise FloatingPointError(
                     f"non-finite energy or energy gradient at descent step {k} (step size α="
-                    f"{float(alpha.mean()):.4g}); the descent diverged: lower mcmc_step_size, check the weights "
+                    f"{float(alpha.detach().mean()):.4g}); the descent diverged: lower mcmc_step_size, check the weights "
                     f"and inputs, or train in float32")
             updated = probs - alpha * grad
             if tolerance is not None:
@@ -571,7 +571,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         if kwargs.get("past_key_values") is not None:
             cache = kwargs["past_key_values"]
         if torch.is_inference_mode_enabled():  # autograd is needed for the descent: leave inference mode
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 args = [t.clone() if isinstance(t, torch.Tensor) else t
                         for t in (input_ids, attention_mask, labels, initial_logits, position_ids)]
                 return self.forward(*args, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep,
@@ -723,7 +723,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             return value if value is not None else getattr(config, name, default)
 
         if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 inputs = inputs.clone() if isinstance(inputs, torch.Tensor) else inputs
                 kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
                 return self.generate(inputs, generation_config, mcmc_num_steps=mcmc_num_steps,

@@ -1,0 +1,32 @@
+"""Shared test helpers: tiny model configs and the location of ../shared (present in CI, not on users' machines)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_ebt import EBTConfig, EBTForCausalLM
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REFERENCE_FIXTURES = SHARED / "fixtures" / "reference_ebt"
+TINY_SHAKESPEARE = SHARED / "data" / "tiny_shakespeare.txt"
+
+
+def tiny_config(**overrides) -> EBTConfig:
+    fields = dict(vocab_size=257, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
+                  max_position_embeddings=64, mcmc_num_steps=2, mcmc_step_size=5.0, eos_token_id=256,
+                  pad_token_id=256)
+    fields.update(overrides)
+    return EBTConfig(**fields)
+
+
+def tiny_model(seed=0, **overrides) -> EBTForCausalLM:
+    torch.manual_seed(seed)
+    return EBTForCausalLM(tiny_config(**overrides)).eval()
+
+
+def require_shared(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the ../shared folder beside the checkout holds the reference fixtures and "
+                    f"corpus (present on developer machines and in CI only)")
+    return path

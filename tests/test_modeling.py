@@ -1,0 +1,207 @@
+"""The model: save/load and Auto classes, the efficient streams against the reference-style recompute path,
+attention implementations, GQA, and clear errors for bad input."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from modeling_ebt import EBTConfig, EBTForCausalLM, EBTModel, ThinkingConfig
+
+from .conftest import tiny_config, tiny_model
+
+VARIANTS = ["default", "time_embed"]
+
+
+def batch(seed=1, shape=(2, 12)):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_defaults_are_the_papers_system1_recipe():
+    config = EBTConfig()
+    assert (config.ebt_type, config.mcmc_num_steps, config.mcmc_step_size) == ("time_embed", 2, 500.0)
+    assert config.mcmc_step_size_lr_multiplier == 1500.0 and config.mcmc_step_size_learnable
+    assert config.normalize_initial_condition and config.denoising_initial_condition == "random_noise"
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 6, 6)
+    assert config.intermediate_size == 384 and config.num_key_value_heads == 6
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", 30, "hidden_size=30 is invalid: expected a multiple of num_attention_heads=4"),
+    ("num_key_value_heads", 3, "num_key_value_heads=3 is invalid: expected a divisor of num_attention_heads"),
+    ("ebt_type", "adaln", "ebt_type='adaln' is invalid: expected one of"),
+    ("mcmc_num_steps", 0, "mcmc_num_steps=0 is invalid: expected an integer >= 1"),
+    ("mcmc_step_size", 0.0, "mcmc_step_size=0.0 is invalid: expected a number > 0"),
+    ("langevin_dynamics_noise", -1.0, "langevin_dynamics_noise=-1.0 is invalid: expected a number >= 0"),
+    ("denoising_initial_condition", "ones", "denoising_initial_condition='ones' is invalid"),
+    ("randomize_mcmc_step_size_scale", 0.5, "randomize_mcmc_step_size_scale=0.5 is invalid"),
+    ("sliding_window", 0, "sliding_window=0 is invalid: expected None or an integer in [1, max_position_embeddings"),
+    ("sliding_window", 65, "sliding_window=65 is invalid"),
+    ("vocab_size", 0, "vocab_size=0 is invalid"),
+    ("truncate_mcmc", "yes", "truncate_mcmc='yes' is invalid: expected True or False"),
+    ("tie_word_embeddings", True, "tie_word_embeddings=True is invalid"),
+])
+def test_invalid_config_values_are_rejected_with_the_field_name(field, value, message):
+    with pytest.raises(ValueError) as error:
+        tiny_config(**{field: value})
+    assert message in str(error.value)
+
+
+def test_config_round_trips_through_auto_config(tmp_path):
+    config = tiny_config(ebt_type="default", mcmc_num_steps=3, langevin_dynamics_noise=0.5, sliding_window=16)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, EBTConfig)
+    assert loaded.to_diff_dict() == config.to_diff_dict()
+    assert (loaded.ebt_type, loaded.mcmc_num_steps, loaded.sliding_window) == ("default", 3, 16)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_round_trips_bit_identically_through_auto_classes(variant, tmp_path):
+    model = tiny_model(ebt_type=variant)
+    ids = batch()
+    initial = torch.randn(2, 12, 257)
+    before = model(ids, initial_logits=initial)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, EBTForCausalLM)
+    after = loaded(ids, initial_logits=initial)
+    assert torch.equal(before.logits, after.logits) and torch.equal(before.energies, after.energies)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, EBTModel)
+    probs = torch.softmax(initial, -1)
+    energies = base(ids, candidate_probs=probs).energies
+    torch.testing.assert_close(energies, before.energies[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_efficient_streams_equal_the_reference_style_recompute(variant):
+    model = tiny_model(ebt_type=variant, mcmc_num_steps=3).train()
+    ids, initial = batch(), torch.randn(2, 12, 257)
+    fast = model(ids, labels=ids, initial_logits=initial)
+    slow = model(ids, labels=ids, initial_logits=initial, thinking=ThinkingConfig(recompute=True))
+    # the first step is one forward: float32 round-off only; each descent step amplifies it (~10× per step)
+    torch.testing.assert_close(fast.energies[0], slow.energies[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.energies, slow.energies, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-4, atol=1e-4)
+    fast_grads = torch.autograd.grad(fast.loss, model.alpha)
+    slow_grads = torch.autograd.grad(slow.loss, model.alpha)
+    torch.testing.assert_close(fast_grads, slow_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_positions_do_not_change_the_other_positions():
+    model = tiny_model(ebt_type="time_embed")
+    ids = batch(shape=(1, 10))
+    initial = torch.randn(1, 10, 257)
+    padded = torch.cat((torch.full((1, 3), 256), ids), dim=1)
+    mask = torch.cat((torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)), dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    plain = model(ids, initial_logits=initial)
+    with_pad = model(padded, attention_mask=mask, position_ids=positions,
+                     initial_logits=torch.cat((torch.zeros(1, 3, 257), initial), dim=1))
+    torch.testing.assert_close(with_pad.energies[0, :, 3:], plain.energies[0], rtol=1e-5, atol=1e-5)
+    # later steps differ by float32 round-off amplified by the descent (different summation order over keys)
+    torch.testing.assert_close(with_pad.logits[:, 3:], plain.logits, rtol=1e-2, atol=1e-2)
+    assert torch.equal(with_pad.logits[:, 3:].argmax(-1), plain.logits.argmax(-1))
+
+
+def test_sdpa_and_eager_attention_agree():
+    model = tiny_model(ebt_type="time_embed")
+    ids, initial = batch(), torch.randn(2, 12, 257)
+    model.config._attn_implementation = "eager"
+    eager = model(ids, initial_logits=initial)
+    model.config._attn_implementation = "sdpa"
+    sdpa = model(ids, initial_logits=initial)
+    torch.testing.assert_close(eager.logits, sdpa.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_sdpa_uses_the_math_path_for_second_order_gradients():
+    model = tiny_model(ebt_type="default").train()
+    model.config._attn_implementation = "sdpa"
+    ids = batch()
+    model(ids, labels=ids).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_key_value_heads():
+    gqa = tiny_model(num_key_value_heads=2)
+    mha = EBTForCausalLM(tiny_config(num_key_value_heads=4)).eval()
+    state = gqa.state_dict()
+    for name in list(state):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # 2 kv heads of 8 dims → each used by 2 queries
+            state[name] = state[name].view(2, 8, -1).repeat_interleave(2, dim=0).reshape(32, -1)
+    mha.load_state_dict(state)
+    ids, initial = batch(), torch.randn(2, 12, 257)
+    gqa_out, mha_out = gqa(ids, initial_logits=initial), mha(ids, initial_logits=initial)
+    torch.testing.assert_close(gqa_out.energies, mha_out.energies, rtol=1e-4, atol=1e-4)
+    assert gqa.model.layers[0].self_attn.k_proj.weight.shape == (16, 32)
+
+
+def test_logits_predict_the_next_token_and_loss_ignores_padding_and_minus_100():
+    model = tiny_model()
+    ids = batch()
+    initial = torch.randn(2, 12, 257)
+    labels = ids.clone()
+    labels[0, 5] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 8] = 0
+    out = model(ids, labels=labels, attention_mask=mask, initial_logits=initial, output_step_logits=True)
+    targets = torch.cat((labels[:, 1:], torch.full((2, 1), -100)), dim=1)
+    targets[1, 7] = -100  # the target at padding position 8 is predicted from position 7
+    per_step = [torch.nn.functional.cross_entropy(step.reshape(-1, 257), targets.reshape(-1), ignore_index=-100)
+                for step in out.step_logits]
+    torch.testing.assert_close(out.loss, torch.stack(per_step).mean())
+
+
+def test_forward_under_no_grad_and_inference_mode_descends():
+    model = tiny_model()
+    ids, initial = batch(), torch.randn(2, 12, 257)
+    reference = model(ids, initial_logits=initial).logits  # grad enabled: explicit-softmax attention
+    with torch.no_grad():
+        no_grad = model(ids, initial_logits=initial).logits
+    with torch.inference_mode():
+        inference = model(ids, initial_logits=initial).logits
+    assert torch.equal(no_grad, inference)
+    torch.testing.assert_close(no_grad, reference, rtol=1e-3, atol=1e-3)
+    assert not no_grad.requires_grad
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[1, 2, 257]]), "token id 257, outside the model's vocabulary [0, 256]"),
+    (torch.tensor([[1, -3, 2]]), "token id -3, outside the model's vocabulary"),
+    (torch.zeros(1, 65, dtype=torch.long), "sequence of 65 tokens is longer than the model's max_position_embeddings=64"),
+    (torch.zeros(1, 0, dtype=torch.long), "input_ids must be a non-empty batch × sequence tensor"),
+])
+def test_bad_input_ids_are_rejected(ids, message):
+    with pytest.raises(ValueError) as error:
+        tiny_model()(ids)
+    assert message in str(error.value)
+
+
+def test_mismatched_initial_logits_shape_is_rejected():
+    with pytest.raises(ValueError, match=r"initial_logits must have the shape of the logits.*\(2, 12, 257\)"):
+        tiny_model()(batch(), initial_logits=torch.zeros(2, 11, 257))
+
+
+def test_non_finite_energies_during_descent_raise_a_clear_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.energy_head.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite energy or energy gradient at descent step 0"):
+        model(batch())
+
+
+def test_system2_training_options_run_and_backpropagate():
+    model = tiny_model(ebt_type="default", mcmc_num_steps=1, randomize_mcmc_num_steps=2,
+                       randomize_mcmc_num_steps_min=2, randomize_mcmc_step_size_scale=2.0,
+                       langevin_dynamics_noise=0.5, mcmc_replay_buffer=True, truncate_mcmc=True,
+                       no_mcmc_detach=True, contrastive_loss_coeff=0.5).train()
+    ids = batch(shape=(4, 12))
+    first = model(ids, labels=ids)
+    assert len(first.step_losses) in (2, 3)  # 1 landscape with 2..3 random steps
+    first.loss.backward()
+    assert torch.isfinite(model.alpha.grad)
+    second = model(ids, labels=ids)  # half the batch now comes from the replay buffer
+    assert second.logits.shape[0] == 6
+    model.eval()
+    assert len(model(ids, labels=ids).step_losses) == 3  # evaluation uses the maximum number of steps
