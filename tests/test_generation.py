@@ -1,0 +1,189 @@
+"""Energy-descent generation: the cached `generate` against the recompute mode, batching, sampling, streamers,
+the thinking knobs (steps, candidates, adaptive stop), and clear errors."""
+
+import pytest
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers.generation.streamers import BaseStreamer
+
+from modeling_ebt import EBTTokenizer, ThinkingConfig
+
+from .conftest import tiny_model
+
+VARIANTS = ["default", "time_embed"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = EBTTokenizer()
+    tok.padding_side = "left"
+    return tok
+
+
+def greedy(model, **inputs):
+    return model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_greedy_generation_equals_recompute_mode(variant, tokenizer):
+    model = tiny_model(ebt_type=variant, denoising_initial_condition="zeros")
+    inputs = tokenizer(["To be, or not", "Now is the winter"], return_tensors="pt", padding=True)
+    assert torch.equal(greedy(model, **inputs), greedy(model, **inputs, recompute=True))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_equals_one_by_one(variant, tokenizer):
+    model = tiny_model(ebt_type=variant, denoising_initial_condition="zeros")
+    prompts = ["O Romeo", "A horse! a horse! my kingdom", "Friends, Romans"]
+    batched = greedy(model, **tokenizer(prompts, return_tensors="pt", padding=True))[:, -6:]
+    singles = torch.cat([greedy(model, **tokenizer(p, return_tensors="pt"))[:, -6:] for p in prompts])
+    assert torch.equal(batched, singles)
+
+
+def test_sampling_is_reproducible_with_a_seed(tokenizer):
+    model = tiny_model()  # random-noise initial logits and sampling both draw from the seed
+    inputs = tokenizer(["Once more unto"], return_tensors="pt")
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return model.generate(**inputs, max_new_tokens=8, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
+                              num_return_sequences=3)
+
+    first, second, other = sample(0), sample(0), sample(1)
+    assert first.shape == (3, inputs["input_ids"].shape[1] + 8)
+    assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+def test_streamer_stopping_criteria_and_eos(tokenizer):
+    model = tiny_model(denoising_initial_condition="zeros")
+    inputs = tokenizer("Is this a dagger", return_tensors="pt")
+    full = greedy(model, **inputs)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Collect()
+    greedy(model, **inputs, streamer=streamer)
+    assert streamer.chunks[0] == inputs["input_ids"][0].tolist()
+    assert sum(streamer.chunks[1:-1], []) == full[0, -6:].tolist() and streamer.chunks[-1] == "end"
+
+    class StopAfterThree(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= inputs["input_ids"].shape[1] + 3)
+
+    stopped = model.generate(**inputs, max_new_tokens=6, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([StopAfterThree()]))
+    assert torch.equal(stopped, full[:, :-3])
+    eos = int(full[0, -4])  # declare the 3rd generated token the end of sequence
+    ended = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=eos)
+    assert ended[0].tolist() == full[0, :-3].tolist()
+
+
+def test_pipeline_text_generation(tokenizer):
+    model = tiny_model(denoising_initial_condition="zeros")
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator("Good night, good night!", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    expected = greedy(model, **tokenizer("Good night, good night!", return_tensors="pt"))[0, :-1]
+    assert text == tokenizer.decode(expected)
+
+
+def test_generate_output_carries_scores_energies_and_steps(tokenizer):
+    model = tiny_model(ebt_type="time_embed", denoising_initial_condition="zeros")
+    inputs = tokenizer(["Fair is foul", "and foul is fair"], return_tensors="pt", padding=True)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True, mcmc_num_steps=3)
+    assert out.sequences.shape == (2, inputs["input_ids"].shape[1] + 4)
+    assert len(out.scores) == 4 and out.energies.shape == (2, 4)
+    assert out.descent_steps.tolist() == [[3] * 4] * 2
+    # the energy reported for the first new token is the energy of its final logits, recomputed independently
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    first = model(**inputs, position_ids=positions, logits_to_keep=1,
+                  thinking=ThinkingConfig(steps=3, recompute=True, trace=[]))
+    torch.testing.assert_close(out.energies[:, :1], first.final_energies, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.scores[0].argmax(-1), out.sequences[:, inputs["input_ids"].shape[1]])
+
+
+def test_more_steps_never_raise_the_final_energy_of_plain_gradient_descent():
+    # with normalize_initial_condition=False the update z ← z − α ∂E/∂z is gradient descent on z; with a small
+    # step it cannot increase a smooth energy, so thinking longer must never end higher
+    model = tiny_model(ebt_type="default", normalize_initial_condition=False, mcmc_step_size=1e-3)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    initial = torch.randn(2, 10, 257)
+    finals = [model(ids, initial_logits=initial, thinking=ThinkingConfig(steps=steps, trace=[])).final_energies
+              for steps in (1, 2, 4, 8)]
+    for fewer, more in zip(finals, finals[1:]):
+        assert (more <= fewer + 1e-6).all()
+    assert (finals[-1] < finals[0]).all()
+
+
+def test_more_candidates_never_raise_the_selected_final_energy():
+    model = tiny_model(ebt_type="time_embed")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    finals = []
+    for candidates in (1, 2, 4, 8):
+        torch.manual_seed(3)  # candidate c starts from the same noise whatever the number of candidates
+        out = model(ids, thinking=ThinkingConfig(num_candidates=candidates))
+        finals.append(out.final_energies if candidates > 1 else
+                      model(ids, thinking=ThinkingConfig(trace=[]), initial_logits=_first_noise(ids)).final_energies)
+    for fewer, more in zip(finals, finals[1:]):  # equal choices may differ by round-off of the batch layout
+        assert (more <= fewer + 1e-4).all()
+    assert (finals[-1] < finals[0] - 1e-3).any()
+
+
+def _first_noise(ids):
+    torch.manual_seed(3)
+    return torch.randn(*ids.shape, 257)
+
+
+def test_adaptive_descent_uses_fewer_steps_on_easy_positions():
+    # with a tiny step the descent is close to iterating p ← softmax(p): positions that start at the uniform
+    # distribution (its fixed point) are easy, positions that start from peaked random logits are hard
+    model = tiny_model(ebt_type="default", mcmc_step_size=1e-3)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    start = torch.cat((torch.zeros(1, 4, 257), torch.randn(1, 4, 257) * 5), dim=1)
+    out = model(ids, initial_logits=start, thinking=ThinkingConfig(steps=50, energy_tolerance=1e-3))
+    steps = out.descent_steps[0]  # (with this seed, two of the four uniform starts settle within the budget)
+    assert steps[:2].max() < steps[4:].min()
+    assert steps[:2].max() < 10 and steps[4:].min() == 50
+    fixed = model(ids, initial_logits=start, thinking=ThinkingConfig(steps=50))
+    assert fixed.descent_steps.unique().tolist() == [50]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mcmc_num_steps=0), "steps=0 is invalid: expected an integer >= 1"),
+    (dict(num_candidates=0), "num_candidates=0 is invalid"),
+    (dict(energy_tolerance=-1.0), "energy_tolerance=-1.0 is invalid: expected a number >= 0"),
+    (dict(mcmc_step_size=-0.5), "step_size=-0.5 is invalid: expected a number > 0"),
+    (dict(num_beams=2), "does not support beam search"),
+])
+def test_bad_generation_options_are_rejected(kwargs, message, tokenizer):
+    with pytest.raises(ValueError) as error:
+        tiny_model().generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=2, **kwargs)
+    assert message in str(error.value)
+
+
+def test_empty_and_too_long_prompts_are_rejected():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="longer than the model's max_position_embeddings=64"):
+        model.generate(torch.zeros(1, 70, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):  # the prompt fits, the generation not
+        model.generate(torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10, min_new_tokens=10)
+
+
+def test_generate_under_no_grad_and_inference_mode(tokenizer):
+    model = tiny_model(denoising_initial_condition="zeros")
+    inputs = tokenizer("Brevity is the soul of wit", return_tensors="pt")
+    expected = greedy(model, **inputs)
+    with torch.no_grad():
+        assert torch.equal(greedy(model, **inputs), expected)
+    with torch.inference_mode():
+        assert torch.equal(greedy(model, **inputs), expected)
