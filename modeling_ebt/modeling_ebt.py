@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput
 
@@ -192,17 +192,45 @@ class EBTPreTrainedModel(PreTrainedModel):
             init.constant_(module.alpha, self.config.mcmc_step_size)
 
 
+class SinkSlidingWindowLayer(DynamicLayer):
+    """A rolling cache layer of O(window) memory that also keeps the first `num_sink_tokens` keys (the landscape
+    token of `time_embed`, always visible). Returns the kept keys plus the new ones."""
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int, num_sink_tokens: int):
+        super().__init__()
+        self.sliding_window, self.num_sink_tokens, self.cumulative_length = sliding_window, num_sink_tokens, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, values = torch.cat((self.keys, key_states), -2), torch.cat((self.values, value_states), -2)
+        self.keys, self.values = keys, values
+        recent = self.sliding_window - 1  # the next token's window: itself plus the last window − 1 tokens
+        if keys.shape[-2] > self.num_sink_tokens + recent:
+            self.keys, self.values = (torch.cat((t[..., : self.num_sink_tokens, :], t[..., t.shape[-2] - recent:, :]),
+                                                -2) for t in (keys, values))
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+
 @dataclass
 class ObservedContext:
     """What candidates need from the observed stream of one energy landscape.
 
-    kv: per layer, the rotated keys and values of every observed token (cache included);
-    key_valid: batch × keys, False for padding (None: all valid);
+    kv: per layer, the rotated keys and values of the visible observed tokens (cache included);
+    key_index: the sequence index of each of those keys (a rolling cache drops old ones);
+    key_valid: batch × sequence, False for padding (None: all valid);
     index: key index of each new observed token (the candidate after token i attends to keys ≤ index[i]);
     position: batch × new tokens, RoPE positions of the new observed tokens.
     """
 
     kv: list
+    key_index: torch.Tensor
     key_valid: torch.Tensor | None
     index: torch.Tensor
     position: torch.Tensor
@@ -256,19 +284,28 @@ class EBTModel(EBTPreTrainedModel):
         window = self.config.sliding_window
         if window is None:
             return Cache(layers=[DynamicLayer() for _ in range(slots)])
-        return Cache(layers=[DynamicSlidingWindowLayer(sliding_window=window) for _ in range(slots)])
+        return Cache(layers=[SinkSlidingWindowLayer(window, self.num_prefix_tokens) for _ in range(slots)])
 
-    def _visible(self, query_index, key_len, key_valid, device):
+    def _key_index(self, past, new, cache, device):
+        """Sequence indices of the keys attention sees after appending `new` tokens to `past` cached ones."""
+        total = past + new
+        window, prefix = self.config.sliding_window, self.num_prefix_tokens
+        kept = past if cache is None or window is None else min(past, prefix + window - 1)
+        if kept == past:
+            return torch.arange(total, device=device)
+        return torch.cat((torch.arange(prefix, device=device), torch.arange(total - (kept - prefix) - new, total,
+                                                                              device=device)))
+
+    def _visible(self, query_index, keys, key_valid):
         """Boolean batch × 1 × queries × keys: causal, inside the sliding window (the prefix token always
-        visible), not padding."""
-        keys = torch.arange(key_len, device=device)
+        visible), not padding. `keys` are the keys' sequence indices."""
         visible = keys[None, :] <= query_index[:, None]
         if self.config.sliding_window is not None:
             in_window = query_index[:, None] - keys[None, :] < self.config.sliding_window
             visible &= in_window | (keys[None, :] < self.num_prefix_tokens)
         visible = visible[None, None]
         if key_valid is not None:
-            visible = visible & key_valid[:, None, None, :].bool()
+            visible = visible & key_valid[:, keys][:, None, None, :].bool()
         return visible
 
     def observe(self, input_ids, landscape=0, position_ids=None, attention_mask=None, cache=None,
@@ -292,8 +329,8 @@ class EBTModel(EBTPreTrainedModel):
         key_valid = attention_mask
         if key_valid is not None and prefix:
             key_valid = torch.cat((torch.ones_like(key_valid[:, :1]), key_valid), dim=1)
-        mask = self._visible(index, past + new, key_valid, input_ids.device)
-        mask = mask | (torch.arange(past + new, device=input_ids.device) == index[:, None])  # pads see themselves
+        keys = self._key_index(past, new, cache, input_ids.device)
+        mask = self._visible(index, keys, key_valid) | (keys == index[:, None])  # pads see themselves
         cos, sin = self.rotary_emb(hidden, position)
         attention_fn = self.attention_function(create_graph)
         kv = []
@@ -304,7 +341,7 @@ class EBTModel(EBTPreTrainedModel):
                 hidden, layer_kv = layer(hidden, cos, sin, mask, attention_fn, cache=cache, cache_slot=first_slot + i)
                 kv.append(layer_kv)
         drop = new - seq
-        return ObservedContext(kv, key_valid, index[drop:], position[:, drop:])
+        return ObservedContext(kv, keys, key_valid, index[drop:], position[:, drop:])
 
     def embed_candidates(self, probs: torch.Tensor) -> torch.Tensor:
         if self.config.vocab_to_embed_uses_prob_dist:
@@ -316,8 +353,7 @@ class EBTModel(EBTPreTrainedModel):
         the candidate after new observed token `keep[q]` (an index into the new tokens)."""
         hidden = self.embed_candidates(probs)
         cos, sin = self.rotary_emb(hidden, context.position[:, keep] + 1)
-        key_len = context.kv[0][0].shape[2]
-        mask = self._visible(context.index[keep], key_len, context.key_valid, probs.device)
+        mask = self._visible(context.index[keep], context.key_index, context.key_valid)
         attention_fn = self.attention_function(create_graph)
         for layer, kv in zip(self.layers, context.kv):
             hidden, _ = layer(hidden, cos, sin, mask, attention_fn, context_kv=kv)
@@ -346,7 +382,7 @@ class EBTModel(EBTPreTrainedModel):
         obs_index = torch.arange(n_obs, device=device)
         cand_index = torch.arange(seq, device=device) + prefix
         query_index = torch.cat((obs_index, cand_index))
-        mask = self._visible(query_index, n_obs, key_valid[:, :n_obs] if key_valid is not None else None, device)
+        mask = self._visible(query_index, obs_index, key_valid[:, :n_obs] if key_valid is not None else None)
         eye = torch.eye(n_obs + seq, dtype=torch.bool, device=device)
         mask = torch.cat((mask.expand(batch, 1, -1, -1), eye[None, None, :, n_obs:].expand(batch, 1, -1, -1)), -1)
         mask = mask | eye[None, None, :, :]
@@ -761,6 +797,11 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if kwargs.get(name) is not None or getattr(config, name, None) is not None:
                 raise ValueError(f"EBTForCausalLM.generate does not support `{name}`: only greedy and sampling "
                                  f"decoding run energy descent")
+
+
+# save_pretrained / push_to_hub copy this file (and configuration_ebt.py) next to the weights, with auto_map entries
+EBTModel.register_for_auto_class("AutoModel")
+EBTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 __all__ = ["EBTPreTrainedModel", "EBTModel", "EBTForCausalLM", "ThinkingConfig"]

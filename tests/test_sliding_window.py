@@ -1,0 +1,65 @@
+"""Sliding-window attention: equality with full attention when the window covers the sequence, an independent
+truncated-context computation for small windows, and the O(window) rolling cache in generation."""
+
+import pytest
+import torch
+
+from modeling_ebt import EBTForCausalLM
+
+from .conftest import tiny_config, tiny_model
+
+VARIANTS = ["default", "time_embed"]
+
+
+def ids_of(shape, seed=0):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_covering_the_sequence_equals_full_attention(variant):
+    full = tiny_model(ebt_type=variant, denoising_initial_condition="zeros")
+    windowed = EBTForCausalLM(tiny_config(ebt_type=variant, sliding_window=20, denoising_initial_condition="zeros"))
+    windowed.load_state_dict(full.state_dict())
+    windowed.eval()
+    ids, initial = ids_of((2, 20)), torch.randn(2, 20, 257)
+    a, b = full(ids, initial_logits=initial), windowed(ids, initial_logits=initial)
+    assert torch.equal(a.energies, b.energies) and torch.equal(a.logits, b.logits)
+    prompt = ids[:, :6]
+    assert torch.equal(full.generate(prompt, max_new_tokens=10, do_sample=False),
+                       windowed.generate(prompt, max_new_tokens=10, do_sample=False))
+
+
+def test_small_window_matches_an_independent_truncated_context_computation():
+    # with one layer, a candidate under window W sees exactly the last W observed tokens: its energy equals the
+    # full-attention energy of the same weights on that truncated context (RoPE is relative, so the shift of
+    # positions does not matter)
+    window = 4
+    full = tiny_model(ebt_type="default", num_hidden_layers=1)
+    windowed = EBTForCausalLM(tiny_config(ebt_type="default", num_hidden_layers=1, sliding_window=window)).eval()
+    windowed.load_state_dict(full.state_dict())
+    ids, probs = ids_of((1, 12)), torch.softmax(torch.randn(1, 12, 257), -1)
+    energies = windowed.model(ids, candidate_probs=probs).energies
+    for i in range(12):
+        start = max(0, i - window + 1)
+        alone = full.model(ids[:, start:i + 1], candidate_probs=probs[:, start:i + 1]).energies[:, -1]
+        torch.testing.assert_close(energies[:, i], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(energies, full.model(ids, candidate_probs=probs).energies)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
+def test_rolling_cache_generates_the_tokens_of_recompute_with_the_same_window(variant, kv_heads):
+    model = tiny_model(ebt_type=variant, sliding_window=5, num_key_value_heads=kv_heads,
+                       denoising_initial_condition="zeros")
+    prompt = ids_of((2, 7), seed=1)
+    mask = torch.ones_like(prompt)
+    cache = model.model.new_cache()
+    cached = model.generate(prompt, attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                            cache=cache)
+    recomputed = model.generate(prompt, attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                                recompute=True)
+    assert torch.equal(cached, recomputed)
+    prefix = 1 if variant == "time_embed" else 0
+    for layer in cache.layers:  # O(window) memory: the landscape token plus the last window − 1 tokens
+        assert layer.keys.shape == (2, kv_heads, prefix + 4, 8)
+    assert cache.get_seq_length(0) == prefix + 7 + 13
