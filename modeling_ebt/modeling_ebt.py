@@ -572,8 +572,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if not (torch.isfinite(energy).all() and torch.isfinite(grad).all()):
                 raise FloatingPointError(
                     f"non-finite energy or energy gradient at descent step {k} (step size α="
-                    f"{float(alpha.detach().mean()):.4g}); the descent diverged: lower mcmc_step_size, check the weights "
-                    f"and inputs, or train in float32")
+                    f"{float(alpha.detach().mean()):.4g}); the descent diverged: lower mcmc_step_size, check the "
+                    f"weights and inputs, or train in float32")
             updated = probs - alpha * grad
             if tolerance is not None:
                 if previous is not None:
@@ -655,7 +655,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             final_energies = None
             if thinking.needs_final_energy:
                 with torch.no_grad():
-                    probs = F.softmax(step_logits[-1], -1) if self.config.normalize_initial_condition else step_logits[-1]
+                    final = step_logits[-1]
+                    probs = F.softmax(final, -1) if self.config.normalize_initial_condition else final
                     final_energies = energy_fn(probs, schedule[-1])
         step_logits, step_energies = torch.stack(step_logits), torch.stack(step_energies)
         if n_cand > 1:  # self-verification: per position, the candidate with the lowest final energy
@@ -679,7 +680,6 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         landscapes = sorted(set(self.step_schedule(thinking) + [self.config.num_landscapes - 1]))
         if thinking.recompute:
             def recompute_energy(probs, landscape):
-                seq = input_ids.shape[1]
                 out = []
                 for chunk in probs.chunk(n_cand, dim=1):  # other positions hold the uniform distribution
                     full = probs.new_full((*input_ids.shape, probs.shape[-1]), 1 / probs.shape[-1])

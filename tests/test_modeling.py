@@ -169,7 +169,7 @@ def test_forward_under_no_grad_and_inference_mode_descends():
 @pytest.mark.parametrize("ids, message", [
     (torch.tensor([[1, 2, 257]]), "token id 257, outside the model's vocabulary [0, 256]"),
     (torch.tensor([[1, -3, 2]]), "token id -3, outside the model's vocabulary"),
-    (torch.zeros(1, 65, dtype=torch.long), "sequence of 65 tokens is longer than the model's max_position_embeddings=64"),
+    (torch.zeros(1, 65, dtype=torch.long), "of 65 tokens is longer than the model's max_position_embeddings=64"),
     (torch.zeros(1, 0, dtype=torch.long), "input_ids must be a non-empty batch × sequence tensor"),
 ])
 def test_bad_input_ids_are_rejected(ids, message):
