@@ -120,7 +120,6 @@ class EBTAttention(nn.Module):
     def __init__(self, config: EBTConfig):
         super().__init__()
         self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
         kv_size = config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
@@ -135,17 +134,17 @@ class EBTAttention(nn.Module):
         k, v = apply_rotary(self._heads(self.k_proj, hidden), cos, sin), self._heads(self.v_proj, hidden)
         return cache.update(k, v, cache_slot) if cache is not None else (k, v)
 
-    def forward(self, hidden, cos, sin, mask, attention_fn, context_kv=None, cache=None, cache_slot=None):
+    def forward(self, hidden, cos, sin, attend, context_kv=None, cache=None, cache_slot=None):
         """Observed stream (`context_kv` None): attend to the keys of this sequence (and the cache).
-        Candidate stream: attend to the observed `context_kv` plus each query's own key."""
+        Candidate stream: attend to the observed `context_kv` plus each query's own key.
+        `attend(q, k, v, self_kv=None)` applies the stream's mask (see `EBTModel.attention`)."""
         q = apply_rotary(self._heads(self.q_proj, hidden), cos, sin)
         if context_kv is None:
             k, v = self.key_values(hidden, cos, sin, cache, cache_slot)
-            out = attention_fn(q, k, v, mask, self.scaling)
+            out = attend(q, k, v)
             kv = (k, v)
         else:
-            self_kv = self.key_values(hidden, cos, sin)
-            out = attention_fn(q, *context_kv, mask, self.scaling, self_kv=self_kv)
+            out = attend(q, *context_kv, self_kv=self.key_values(hidden, cos, sin))
             kv = None
         out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
         return self.o_proj(out), kv
@@ -159,10 +158,8 @@ class EBTDecoderLayer(nn.Module):
         self.post_attention_layernorm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = EBTMLP(config)
 
-    def forward(self, hidden, cos, sin, mask, attention_fn, context_kv=None, cache=None, cache_slot=None):
-        attn_out, kv = self.self_attn(
-            self.input_layernorm(hidden), cos, sin, mask, attention_fn, context_kv, cache, cache_slot
-        )
+    def forward(self, hidden, cos, sin, attend, context_kv=None, cache=None, cache_slot=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attend, context_kv, cache, cache_slot)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, kv
@@ -308,6 +305,34 @@ class EBTModel(EBTPreTrainedModel):
             visible = visible & key_valid[:, keys][:, None, None, :].bool()
         return visible
 
+    def attention(self, create_graph, query_index, keys, key_valid, see_self=False) -> Callable:
+        """`attend(q, k, v, self_kv=None)` for queries at sequence indices `query_index` over keys at indices `keys`
+        (`see_self`: a query may attend to its own key, so padding rows are never empty). With a sliding window and
+        many queries, queries go in blocks that each gather only the keys of their windows: no S×S scores."""
+        attention_fn = self.attention_function(create_graph)
+        scaling, window = self.config.head_dim**-0.5, self.config.sliding_window
+
+        def mask_for(queries, key_positions):
+            mask = self._visible(queries, key_positions, key_valid)
+            return mask | (key_positions == queries[:, None]) if see_self else mask
+
+        if window is None or len(query_index) <= 2 * window:
+            mask = mask_for(query_index, keys)
+            return lambda q, k, v, self_kv=None: attention_fn(q, k, v, mask, scaling, self_kv)
+
+        def attend_in_blocks(q, k, v, self_kv=None):
+            out = []
+            for start in range(0, len(query_index), window):
+                rows = slice(start, start + window)
+                queries = query_index[rows]
+                near = (keys > queries.min() - window) & (keys <= queries.max()) | (keys < self.num_prefix_tokens)
+                cols = near.nonzero().squeeze(1)
+                block_self = tuple(t[:, :, rows] for t in self_kv) if self_kv is not None else None
+                out.append(attention_fn(q[:, :, rows], k[:, :, cols], v[:, :, cols], mask_for(queries, keys[cols]),
+                                        scaling, block_self))
+            return torch.cat(out, dim=2)
+        return attend_in_blocks
+
     def observe(self, input_ids, landscape=0, position_ids=None, attention_mask=None, cache=None,
                 create_graph=False) -> ObservedContext:
         """Run the observed stream over `input_ids` (appending to `cache`) in energy landscape `landscape`."""
@@ -330,15 +355,14 @@ class EBTModel(EBTPreTrainedModel):
         if key_valid is not None and prefix:
             key_valid = torch.cat((torch.ones_like(key_valid[:, :1]), key_valid), dim=1)
         keys = self._key_index(past, new, cache, input_ids.device)
-        mask = self._visible(index, keys, key_valid) | (keys == index[:, None])  # pads see themselves
+        attend = self.attention(create_graph, index, keys, key_valid, see_self=True)
         cos, sin = self.rotary_emb(hidden, position)
-        attention_fn = self.attention_function(create_graph)
         kv = []
         for i, layer in enumerate(self.layers):
             if i == n_layers - 1:  # candidates only need the last layer's keys and values
                 kv.append(layer.self_attn.key_values(layer.input_layernorm(hidden), cos, sin, cache, first_slot + i))
             else:
-                hidden, layer_kv = layer(hidden, cos, sin, mask, attention_fn, cache=cache, cache_slot=first_slot + i)
+                hidden, layer_kv = layer(hidden, cos, sin, attend, cache=cache, cache_slot=first_slot + i)
                 kv.append(layer_kv)
         drop = new - seq
         return ObservedContext(kv, keys, key_valid, index[drop:], position[:, drop:])
@@ -353,10 +377,9 @@ class EBTModel(EBTPreTrainedModel):
         the candidate after new observed token `keep[q]` (an index into the new tokens)."""
         hidden = self.embed_candidates(probs)
         cos, sin = self.rotary_emb(hidden, context.position[:, keep] + 1)
-        mask = self._visible(context.index[keep], context.key_index, context.key_valid)
-        attention_fn = self.attention_function(create_graph)
+        attend = self.attention(create_graph, context.index[keep], context.key_index, context.key_valid)
         for layer, kv in zip(self.layers, context.kv):
-            hidden, _ = layer(hidden, cos, sin, mask, attention_fn, context_kv=kv)
+            hidden, _ = layer(hidden, cos, sin, attend, context_kv=kv)
         return self.energy_head(self.norm(hidden)).squeeze(-1)
 
     def energy_recompute(self, input_ids, probs, landscape=0, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -387,8 +410,9 @@ class EBTModel(EBTPreTrainedModel):
         mask = torch.cat((mask.expand(batch, 1, -1, -1), eye[None, None, :, n_obs:].expand(batch, 1, -1, -1)), -1)
         mask = mask | eye[None, None, :, :]
         cos, sin = self.rotary_emb(hidden, positions)
+        scaling = self.config.head_dim**-0.5
         for layer in self.layers:
-            hidden, _ = layer(hidden, cos, sin, mask, eager_attention)
+            hidden, _ = layer(hidden, cos, sin, lambda q, k, v: eager_attention(q, k, v, mask, scaling))
         return self.energy_head(self.norm(hidden[:, n_obs:])).squeeze(-1)
 
     def forward(self, input_ids, candidate_probs, attention_mask=None, position_ids=None, cache=None,

@@ -63,3 +63,28 @@ def test_rolling_cache_generates_the_tokens_of_recompute_with_the_same_window(va
     for layer in cache.layers:  # O(window) memory: the landscape token plus the last window − 1 tokens
         assert layer.keys.shape == (2, kv_heads, prefix + 4, 8)
     assert cache.get_seq_length(0) == prefix + 7 + 13
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_long_windowed_training_uses_blocks_of_keys_and_equals_the_dense_computation(variant, monkeypatch):
+    from modeling_ebt import ThinkingConfig
+    from modeling_ebt import modeling_ebt as module
+
+    window, length = 6, 48
+    model = tiny_model(ebt_type=variant, sliding_window=window).train()
+    ids, initial = ids_of((2, length), seed=2), torch.randn(2, length, 257)
+    dense = model(ids, labels=ids, initial_logits=initial, thinking=ThinkingConfig(recompute=True))
+    key_lengths = []
+    original = module.eager_attention
+
+    def recording(q, k, v, mask, scaling, self_kv=None):
+        key_lengths.append(k.shape[2])
+        return original(q, k, v, mask, scaling, self_kv)
+
+    monkeypatch.setattr(module, "eager_attention", recording)
+    blocked = model(ids, labels=ids, initial_logits=initial)
+    blocked.loss.backward()  # second-order gradients through the blocked attention
+    assert max(key_lengths) <= 2 * window + 1  # a block of `window` queries sees at most 2·window − 1 keys + prefix
+    torch.testing.assert_close(blocked.energies[0], dense.energies[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blocked.loss, dense.loss, rtol=1e-4, atol=1e-4)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
