@@ -154,4 +154,6 @@ class EBTConfig(PreTrainedConfig):
                 "token embedding with the candidates)")
 
 
+EBTConfig.register_for_auto_class()  # save_pretrained / push_to_hub write this file and an auto_map entry
+
 __all__ = ["EBTConfig"]

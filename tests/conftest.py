@@ -11,6 +11,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE_FIXTURES = SHARED / "fixtures" / "reference_ebt"
 TINY_SHAKESPEARE = SHARED / "data" / "tiny_shakespeare.txt"
 
+# The tests use tiny models: one thread is as fast as two, and keeps concurrent test processes from thrashing.
+torch.set_num_threads(1)
+
 
 def tiny_config(**overrides) -> EBTConfig:
     fields = dict(vocab_size=257, hidden_size=32, num_attention_heads=4, num_hidden_layers=2,
