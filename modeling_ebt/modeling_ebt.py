@@ -293,6 +293,12 @@ class EBTModel(EBTPreTrainedModel):
         return torch.cat((torch.arange(prefix, device=device), torch.arange(total - (kept - prefix) - new, total,
                                                                               device=device)))
 
+    def _prefix_valid(self, attention_mask):
+        """The attention mask extended over the landscape token (never padding)."""
+        if attention_mask is None or not self.num_prefix_tokens:
+            return attention_mask
+        return torch.cat((attention_mask.new_ones(attention_mask.shape[0], self.num_prefix_tokens), attention_mask), 1)
+
     def _visible(self, query_index, keys, key_valid):
         """Boolean batch × 1 × queries × keys: causal, inside the sliding window (the prefix token always
         visible), not padding. `keys` are the keys' sequence indices."""
@@ -351,9 +357,7 @@ class EBTModel(EBTPreTrainedModel):
             position = torch.cat((torch.zeros_like(position[:, :1]), position), dim=1)
         new = hidden.shape[1]
         index = torch.arange(past, past + new, device=input_ids.device)
-        key_valid = attention_mask
-        if key_valid is not None and prefix:
-            key_valid = torch.cat((torch.ones_like(key_valid[:, :1]), key_valid), dim=1)
+        key_valid = self._prefix_valid(attention_mask)
         keys = self._key_index(past, new, cache, input_ids.device)
         attend = self.attention(create_graph, index, keys, key_valid, see_self=True)
         cos, sin = self.rotary_emb(hidden, position)
@@ -398,14 +402,9 @@ class EBTModel(EBTPreTrainedModel):
         if prefix:
             parts.insert(0, torch.zeros_like(position_ids[:, :1]))  # the landscape token
         positions = torch.cat(parts, dim=1)
-        key_valid = None
-        if attention_mask is not None:
-            key_valid = attention_mask.new_ones(batch, n_obs + seq)
-            key_valid[:, prefix:n_obs] = attention_mask
         obs_index = torch.arange(n_obs, device=device)
-        cand_index = torch.arange(seq, device=device) + prefix
-        query_index = torch.cat((obs_index, cand_index))
-        mask = self._visible(query_index, obs_index, key_valid[:, :n_obs] if key_valid is not None else None)
+        query_index = torch.cat((obs_index, obs_index[prefix:]))  # candidate i sits after observed token i
+        mask = self._visible(query_index, obs_index, self._prefix_valid(attention_mask))
         eye = torch.eye(n_obs + seq, dtype=torch.bool, device=device)
         mask = torch.cat((mask.expand(batch, 1, -1, -1), eye[None, None, :, n_obs:].expand(batch, 1, -1, -1)), -1)
         mask = mask | eye[None, None, :, :]
