@@ -667,10 +667,10 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             start = self.initial_logits(shape, input_ids.device, self.dtype)
         if replayed is not None and logits_to_keep == 0:
             start[-replayed.shape[0]:] = replayed
+        schedule = self.step_schedule(thinking)
         with torch.enable_grad():
             energy_fn = self._energy_function(input_ids, attention_mask, position_ids, cache, keep, n_cand,
-                                              create_graph, thinking)
-            schedule = self.step_schedule(thinking)
+                                              create_graph, thinking.recompute, schedule)
             noise = self.config.langevin_dynamics_noise if thinking.langevin_noise is None else thinking.langevin_noise
             alpha = self.step_size(thinking, shape[:2], input_ids.device)
             step_logits, step_energies, steps_used = self.descend(
@@ -698,10 +698,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             final_energies=final_energies, descent_steps=steps_used, cache=cache if use_cache else None)
 
     def _energy_function(self, input_ids, attention_mask, position_ids, cache, keep, n_cand, create_graph,
-                         thinking):
+                         recompute, schedule):
         """energy(probs, landscape) for the kept positions, repeated `n_cand` times along the query axis."""
-        landscapes = sorted(set(self.step_schedule(thinking) + [self.config.num_landscapes - 1]))
-        if thinking.recompute:
+        if recompute:
             def recompute_energy(probs, landscape):
                 out = []
                 for chunk in probs.chunk(n_cand, dim=1):  # other positions hold the uniform distribution
@@ -711,6 +710,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                     out.append(energies[:, keep])
                 return torch.cat(out, dim=1)
             return recompute_energy
+        # every landscape of the schedule (and the last one, for the contrastive term); all of them with a cache
+        landscapes = set(schedule) | {self.config.num_landscapes - 1}
         with torch.set_grad_enabled(create_graph):
             contexts = {k: self.model.observe(input_ids, k, position_ids, attention_mask, cache, create_graph)
                         for k in range(self.config.num_landscapes) if k in landscapes or cache is not None}
