@@ -37,9 +37,8 @@ class EBTRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.type_as(hidden) * self.weight
+        normed = F.rms_norm(hidden.float(), hidden.shape[-1:], eps=self.eps)  # in float32, as the reference
+        return normed.type_as(hidden) * self.weight
 
 
 class EBTRotaryEmbedding(nn.Module):
@@ -84,8 +83,8 @@ class EBTMLP(nn.Module):
 
 
 # Attention functions share one signature. `mask` is boolean (True = may attend), broadcastable to
-# batch × 1 × queries × keys. With `self_kv`, every query also attends to its own key/value (the candidate
-# stream): one softmax over the masked context scores and the self score.
+# batch × 1 × queries × keys, or None when every key is visible. With `self_kv`, every query also attends to its
+# own key/value (the candidate stream): one softmax over the masked context scores and the self score.
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -96,7 +95,8 @@ def eager_attention(q, k, v, mask, scaling, self_kv=None):
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     if self_kv is None:
         return torch.matmul(F.softmax(scores.float(), dim=-1).to(q.dtype), v)
     k_self, v_self = (repeat_kv(t, n_rep) for t in self_kv)
@@ -108,6 +108,8 @@ def eager_attention(q, k, v, mask, scaling, self_kv=None):
 def sdpa_attention(q, k, v, mask, scaling, self_kv=None):
     if self_kv is not None:  # append each query's own key; the extra block of the mask is the identity
         k, v = torch.cat((k, self_kv[0]), dim=2), torch.cat((v, self_kv[1]), dim=2)
+        if mask is None:
+            mask = torch.ones(1, 1, q.shape[2], k.shape[2] - q.shape[2], dtype=torch.bool, device=q.device)
         eye = torch.eye(q.shape[2], dtype=torch.bool, device=q.device).expand(*mask.shape[:2], -1, -1)
         mask = torch.cat((mask.expand(*mask.shape[:2], q.shape[2], -1), eye), dim=-1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
@@ -324,6 +326,8 @@ class EBTModel(EBTPreTrainedModel):
 
         if window is None or len(query_index) <= 2 * window:
             mask = mask_for(query_index, keys)
+            if bool(mask.all()):  # e.g. one new token over a cache without padding: no masking needed
+                mask = None
             return lambda q, k, v, self_kv=None: attention_fn(q, k, v, mask, scaling, self_kv)
 
         def attend_in_blocks(q, k, v, self_kv=None):
