@@ -88,3 +88,14 @@ def test_long_windowed_training_uses_blocks_of_keys_and_equals_the_dense_computa
     torch.testing.assert_close(blocked.energies[0], dense.energies[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(blocked.loss, dense.loss, rtol=1e-4, atol=1e-4)
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_prefill_through_the_rolling_cache_gives_the_same_tokens(variant):
+    # `prefill_chunk_size` (a stock generation option) keeps the prompt's prefill in O(window) memory too
+    model = tiny_model(ebt_type=variant, sliding_window=8, denoising_initial_condition="zeros")
+    prompt = ids_of((2, 50), seed=3)
+    whole = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+    chunked = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                             prefill_chunk_size=8)
+    assert torch.equal(whole, chunked)
