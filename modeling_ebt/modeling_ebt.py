@@ -536,6 +536,9 @@ class ReplayBuffer:
 class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
     """Energy descent over the candidate logits, the training loss, and `generate`."""
 
+    # the loss is a mean over this batch's tokens: the Trainer must scale it for gradient accumulation and DDP
+    accepts_loss_kwargs = False
+
     def __init__(self, config: EBTConfig):
         super().__init__(config)
         self.model = EBTModel(config)

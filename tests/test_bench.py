@@ -1,0 +1,119 @@
+"""Smoke tests of `python -m modeling_ebt.bench` (the --quick presets) and of its pure helpers.
+
+The benchmarks' speed and memory targets are checked by the benchmark itself, as ratios measured side by side; no
+test here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from modeling_ebt import bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(*argv: str, json_path: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "modeling_ebt.bench", *argv, "--json", str(json_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"bench {argv} failed:\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+    assert result.stdout.strip(), "the benchmark prints its table on stdout"
+    return json.loads(json_path.read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def check_targets(payload: dict) -> None:
+    assert payload["targets"], "the benchmark reports its targets"
+    for target in payload["targets"]:
+        assert set(target) >= {"name", "value", "op", "threshold", "passed"}
+        assert target["op"] in (">=", "<=")
+        assert positive(target["value"]), target
+        assert target["passed"] == (target["value"] >= target["threshold"] if target["op"] == ">="
+                                    else target["value"] <= target["threshold"])
+
+
+def test_train_quick(tmp_path):
+    payload = run_bench("train", "--quick", json_path=tmp_path / "train.json")
+    assert payload["command"] == "train"
+    assert payload["environment"]["torch_threads"] >= 1
+    rows = payload["rows"]
+    assert {(r["label"], r["variant"]) for r in rows} == {
+        ("ours", "default"), ("recompute", "default"), ("ours", "time_embed"), ("recompute", "time_embed"),
+        ("llama", None)}
+    for row in rows:
+        assert row["error"] is None
+        for key in ("tokens_per_s", "step_seconds", "peak_rss", "flops_per_token"):
+            assert positive(row[key]), (row["label"], row["variant"], key, row[key])
+        assert row["steps"] == len(row["step_seconds_all"]) >= 1
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["seq"] / row["step_seconds"])
+    # the EBT does more work per token than the same-size Llama (descent steps, second-order backward)
+    llama = next(r for r in rows if r["label"] == "llama")
+    assert all(r["flops_per_token"] > llama["flops_per_token"] for r in rows if r["model"] == "ebt")
+    for variant in ("default", "time_embed"):
+        sanity = payload["sanity"][variant]
+        assert sanity["loss_rel_diff"] < 1e-4 and sanity["energies_rel_diff"] < 1e-4, sanity
+        assert sanity["max_rel_diff"] == max(sanity["loss_rel_diff"], sanity["energies_rel_diff"])
+    check_targets(payload)
+    assert len(payload["targets"]) == 8
+
+
+def test_generate_quick(tmp_path):
+    payload = run_bench("generate", "--quick", json_path=tmp_path / "generate.json")
+    assert payload["command"] == "generate"
+    rows = payload["rows"]
+    assert {r["label"] for r in rows} == {"cached", "recompute", "llama"}
+    for row in rows:
+        assert row["error"] is None
+        assert row["reps"] >= 1 and len(row["seconds_1"]) == len(row["seconds_n"]) == row["reps"]
+        for key in ("tokens_per_s", "seconds_per_step", "flops_per_token", "prefill_seconds", "prefill_flops",
+                    "mem_growth", "prefill_mem_growth"):
+            assert positive(row[key]), (row["label"], key, row[key])
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] / row["seconds_per_step"])
+    by_label = {r["label"]: r for r in rows}
+    # the cached descent does a small fraction of the reference's work per generated token
+    assert by_label["cached"]["flops_per_token"] < by_label["recompute"]["flops_per_token"]
+    check_targets(payload)
+
+
+def test_targets_and_ratios():
+    assert bench.Target("t", 2.0, ">=", 1.5).passed is True
+    assert bench.Target("t", 0.6, "<=", 0.5).passed is False
+    assert bench.Target("t", None, "<=", 0.5).passed is None
+    assert "MISS" in bench.Target("t", 0.6, "<=", 0.5).line()
+    assert bench.ratio(3.0, 2.0) == 1.5
+    assert bench.ratio(None, 2.0) is None and bench.ratio(1.0, 0) is None
+
+
+def test_quick_preset_keeps_explicit_options():
+    args = bench.parse_args(["generate", "--quick", "--new-tokens", "6"])
+    assert args.new_tokens == 6 and args.size == "tiny"
+    assert args.prompt_lengths == bench.GENERATE_QUICK["prompt_lengths"]
+    args = bench.parse_args(["train", "--batch-size", "3"])
+    assert args.batch_size == 3 and args.seq_len == 256 and args.size == "xxs" and not args.quick
+
+
+def test_standard_rows_are_groups_of_three():
+    args = bench.parse_args(["generate", "--prompt-lengths", "64,256", "--batch-sizes", "8,1"])
+    groups = bench.standard_groups(args)
+    assert [(g[0].batch, g[0].prompt_len) for g in groups] == [(1, 64), (1, 256), (8, 64), (8, 256)]
+    for group in groups:
+        assert [c.label for c in group] == ["cached", "recompute", "llama"]
+        assert group[1].recompute and group[1].new_tokens == args.recompute_new_tokens
+        # rows differing only in batch share their FLOP count
+        assert group[0].flop_key() != group[1].flop_key()
+    assert groups[0][0].flop_key() == groups[2][0].flop_key()
+
+
+def test_peak_rss_helpers():
+    assert bench.rss_bytes() >= 0 and bench.peak_rss_bytes() > 0
+    if bench.reset_peak_rss():  # after a reset the peak is the current RSS, give or take a page
+        assert bench.peak_rss_bytes() <= bench.rss_bytes() + 4 * 2**20

@@ -1,0 +1,318 @@
+"""Training: sizes and recipes, the paper's optimizer groups, EBTTrainer (logs, evaluation, gradient accumulation),
+the stock Trainer, the time budget, and the errors of `ebt train` on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+
+from modeling_ebt import EBTConfig, EBTForCausalLM, EBTTokenizer
+from modeling_ebt.cli import main
+from modeling_ebt.training import (
+    MODEL_SIZES,
+    RECIPES,
+    EBTTrainer,
+    TimeLimitCallback,
+    ebt_optimizer_groups,
+    last_complete_checkpoint,
+    load_model_config,
+    load_recipe,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tiny_shakespeare.txt"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and one thread does not crawl when other jobs share the cores (two
+    OpenMP threads on two busy cores made a 0.08 s step take seconds)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides) -> EBTConfig:
+    fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=65, mcmc_step_size=2.0, mcmc_step_size_lr_multiplier=1.0)
+    return EBTConfig(**{**fields, **overrides})
+
+
+def token_dataset(num_rows: int, length: int = 32, seed: int = 0) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(97, 123, (num_rows, length), generator=generator)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(),
+                              "attention_mask": torch.ones_like(ids).tolist()}).with_format("torch")
+
+
+def trainer_args(tmp_path, **overrides) -> TrainingArguments:
+    fields = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                  max_steps=3, learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
+                  disable_tqdm=True, use_cpu=True, seed=0)
+    return TrainingArguments(**{**fields, **overrides})
+
+
+# --- sizes and recipes ------------------------------------------------------------------------------------------
+
+
+def test_size_and_recipe_dicts_match_the_json_files_in_configuration():
+    for name, fields in MODEL_SIZES.items():
+        assert json.loads((REPO / "configuration/sizes" / f"{name}.json").read_text()) == fields, name
+    for name, recipe in RECIPES.items():
+        assert json.loads((REPO / "configuration/recipes" / f"{name}.json").read_text()) == recipe, name
+    assert sorted(p.stem for p in (REPO / "configuration/sizes").glob("*.json")) == sorted(MODEL_SIZES)
+    assert sorted(p.stem for p in (REPO / "configuration/recipes").glob("*.json")) == sorted(RECIPES)
+
+
+def test_reference_sizes_have_the_papers_shapes():
+    shapes = {name: (s["num_hidden_layers"], s["num_attention_heads"], s["hidden_size"], s["intermediate_size"])
+              for name, s in MODEL_SIZES.items()}
+    assert shapes == {"4xs": (2, 2, 128, 128), "3xs": (4, 4, 256, 256), "xxs": (6, 6, 384, 384),
+                      "xs": (12, 6, 384, 384), "small": (12, 12, 768, 768), "medium": (24, 16, 1024, 1024),
+                      "large": (24, 16, 1536, 1536), "xl": (24, 32, 2048, 2048)}
+
+
+def test_load_model_config_applies_recipe_then_size_then_overrides():
+    config = load_model_config("xxs", "s1")
+    assert (config.num_hidden_layers, config.num_attention_heads, config.hidden_size) == (6, 6, 384)
+    assert (config.ebt_type, config.mcmc_num_steps, config.mcmc_step_size) == ("time_embed", 2, 500.0)
+    assert config.mcmc_step_size_lr_multiplier == 1500.0
+    s2 = load_model_config("4xs", "s2", mcmc_step_size=7.0)
+    assert (s2.ebt_type, s2.mcmc_num_steps, s2.randomize_mcmc_num_steps, s2.randomize_mcmc_num_steps_min) == (
+        "default", 1, 2, 2)
+    assert (s2.langevin_dynamics_noise, s2.mcmc_replay_buffer, s2.truncate_mcmc, s2.no_mcmc_detach) == (
+        3.0, True, True, True)
+    assert s2.mcmc_step_size == 7.0 and s2.hidden_size == 128
+    assert load_model_config(None, "s1").hidden_size == 384  # the recipe's own size
+    assert load_model_config(str(REPO / "configuration/sizes/3xs.json")).num_hidden_layers == 4
+
+
+def test_recipes_and_sizes_reject_unknown_names_and_fields(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        load_recipe("nope")
+    with pytest.raises(ValueError, match="unknown model size 'huge'"):
+        load_model_config("huge")
+    with pytest.raises(ValueError, match=r"\['not_a_field'\] are not EBTConfig fields"):
+        load_model_config("4xs", not_a_field=1)
+    bad = tmp_path / "recipe.json"
+    bad.write_text(json.dumps({"model": {}, "training": {"learning_rat": 1e-3}}))
+    with pytest.raises(ValueError, match="learning_rat.*not TrainingArguments fields"):
+        load_recipe(bad)
+
+
+# --- optimizer groups -------------------------------------------------------------------------------------------
+
+
+def test_optimizer_groups_put_alpha_alone_with_multiplied_lr_and_no_weight_decay():
+    model = EBTForCausalLM(tiny_config(mcmc_step_size_lr_multiplier=1500.0))
+    groups = {group["name"]: group for group in ebt_optimizer_groups(model, weight_decay=0.01, learning_rate=1.2e-3)}
+    assert set(groups) == {"decay", "no_decay", "alpha"}
+    assert groups["alpha"]["params"] == [model.alpha]
+    assert groups["alpha"]["lr"] == pytest.approx(1.2e-3 * 1500) and groups["alpha"]["weight_decay"] == 0.0
+    assert groups["decay"]["lr"] == groups["no_decay"]["lr"] == 1.2e-3
+    assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert {"model.embed_tokens.weight", "model.time_embeddings.weight", "model.norm.weight",
+            "model.layers.0.input_layernorm.weight"} <= no_decay
+    assert {"model.vocab_to_embed.weight", "model.energy_head.weight",
+            "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"} <= decay
+    assert len(decay) + len(no_decay) + 1 == len(list(model.parameters()))  # every parameter exactly once
+
+
+def test_optimizer_groups_leave_out_a_frozen_alpha():
+    model = EBTForCausalLM(tiny_config(mcmc_step_size_learnable=False))
+    groups = ebt_optimizer_groups(model, 0.01, 1e-3)
+    assert [g["name"] for g in groups] == ["decay", "no_decay"]
+    assert all(p is not model.alpha for g in groups for p in g["params"])
+
+
+def test_ebt_trainer_builds_its_optimizer_from_the_groups(tmp_path):
+    model = EBTForCausalLM(tiny_config(mcmc_step_size_lr_multiplier=300.0))
+    trainer = EBTTrainer(model=model, args=trainer_args(tmp_path, learning_rate=2e-3, weight_decay=0.05),
+                         train_dataset=token_dataset(8), data_collator=default_data_collator)
+    optimizer = trainer.create_optimizer()
+    by_name = {group["name"]: group for group in optimizer.param_groups}
+    assert by_name["alpha"]["lr"] == pytest.approx(0.6) and by_name["alpha"]["weight_decay"] == 0.0
+    assert by_name["decay"]["weight_decay"] == 0.05 and by_name["no_decay"]["weight_decay"] == 0.0
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+
+# --- EBTTrainer: logs, evaluation, accumulation -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason=f"{TINY_SHAKESPEARE} is not on this machine (shared data "
+                    "of the development machines and CI)")
+def test_ebt_trainer_lowers_validation_loss_on_tiny_shakespeare_and_logs_the_descent(tmp_path):
+    from modeling_ebt.data import build_lm_datasets
+
+    data = build_lm_datasets(EBTTokenizer(), TINY_SHAKESPEARE, block_size=64, cache_dir=tmp_path / "cache")
+    validation = data["validation"].select(range(32))
+    set_seed(0)
+    model = EBTForCausalLM(tiny_config(hidden_size=64, intermediate_size=64, mcmc_step_size=5.0,
+                                       mcmc_step_size_lr_multiplier=15.0))
+    args = trainer_args(tmp_path, max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3,
+                        warmup_steps=5, logging_steps=20, prediction_loss_only=True)
+    trainer = EBTTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=validation,
+                         data_collator=default_data_collator)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+
+    assert after["eval_last_step_loss"] < before["eval_last_step_loss"] - 1.0
+    assert after["eval_last_step_loss"] < 3.8  # a uniform guess scores ln 257 ≈ 5.55; measured 3.41
+    assert after["eval_perplexity"] == pytest.approx(math.exp(after["eval_last_step_loss"]))
+    assert {"eval_loss", "eval_loss_step_1", "eval_loss_step_2", "eval_energy_gap", "eval_alpha"} <= set(after)
+    assert after["eval_loss"] == pytest.approx((after["eval_loss_step_1"] + after["eval_loss_step_2"]) / 2, rel=1e-3)
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(train_logs) == 3
+    for log in train_logs:
+        assert {"loss_step_1", "loss_step_2", "last_step_loss", "energy_gap", "alpha"} <= set(log)
+        assert log["loss"] == pytest.approx((log["loss_step_1"] + log["loss_step_2"]) / 2, rel=1e-3)
+    assert train_logs[-1]["alpha"] == pytest.approx(float(model.alpha.detach()), rel=0.1)
+
+
+def _train_weights(tmp_path, trainer_class, batch_size, accumulation, **config):
+    set_seed(0)
+    model = EBTForCausalLM(tiny_config(denoising_initial_condition="zeros", **config))
+    args = trainer_args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                        optim="sgd", max_grad_norm=0.0, learning_rate=0.05, lr_scheduler_type="constant")
+    trainer = trainer_class(model=model, args=args, train_dataset=token_dataset(16),
+                            data_collator=default_data_collator)
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ebt_trainer_gradient_accumulation_matches_the_full_batch(tmp_path):
+    full = _train_weights(tmp_path, EBTTrainer, batch_size=4, accumulation=1)
+    accumulated = _train_weights(tmp_path, EBTTrainer, batch_size=2, accumulation=2)
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_stock_trainer_trains_and_evaluates_an_ebt(tmp_path):
+    set_seed(0)
+    model = EBTForCausalLM(tiny_config())
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, max_steps=2), train_dataset=token_dataset(8),
+                      eval_dataset=token_dataset(8, seed=1), data_collator=default_data_collator)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    metrics = trainer.evaluate()  # under no_grad: the model enables grad for its descent itself
+    assert math.isfinite(metrics["eval_loss"])
+
+
+def test_predictions_hold_only_the_logits(tmp_path):
+    model = EBTForCausalLM(tiny_config())
+    trainer = EBTTrainer(model=model, args=trainer_args(tmp_path), data_collator=default_data_collator)
+    output = trainer.predict(token_dataset(6, length=16))
+    assert isinstance(output.predictions, torch.Tensor) or hasattr(output.predictions, "shape")
+    assert output.predictions.shape == (6, 16, model.config.vocab_size)
+    assert math.isfinite(output.metrics["test_loss"]) and "test_perplexity" in output.metrics
+
+
+def test_time_limit_stops_training_after_the_first_step(tmp_path):
+    model = EBTForCausalLM(tiny_config())
+    limit = TimeLimitCallback(seconds=0.0)
+    trainer = EBTTrainer(model=model, args=trainer_args(tmp_path, max_steps=50), train_dataset=token_dataset(8),
+                         data_collator=default_data_collator, callbacks=[limit])
+    trainer.train()
+    assert trainer.state.global_step == 1 and limit.stopped
+
+
+def test_last_complete_checkpoint_skips_a_checkpoint_cut_short(tmp_path):
+    for step, state in ((2, "{}"), (4, '{"global_step": 4}'), (6, '{"glob')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-8").mkdir()  # killed before trainer_state.json was written
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+# --- bad input: clear errors, nothing in the output dir lost ----------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def trained_output_dir(tmp_path) -> Path:
+    """An output dir that already holds a model and a checkpoint, as a finished run leaves it."""
+    folder = tmp_path / "existing"
+    (folder / "checkpoint-5").mkdir(parents=True)
+    (folder / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    (folder / "config.json").write_text('{"model_type": "ebt"}')
+    (folder / "model.safetensors").write_bytes(b"weights that must survive")
+    (folder / "training_summary.json").write_text('{"steps": 5}')
+    return folder
+
+
+def _corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("a small corpus of text for the tests. " * 200, encoding="utf-8")
+    return path
+
+
+def _bad_inputs(tmp_path) -> dict[str, tuple[list[str], str]]:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    no_text = tmp_path / "rows.jsonl"
+    no_text.write_text("\n".join(json.dumps({"content": f"row {i}"}) for i in range(50)) + "\n")
+    big_tokenizer = tmp_path / "big-tokenizer"
+    tokenizer = EBTTokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(big_tokenizer)
+    corpus = str(_corpus(tmp_path))
+    return {
+        "missing corpus": (["--corpus", str(tmp_path / "nope.txt")], "corpus file not found"),
+        "empty corpus": (["--corpus", str(empty)], "is empty"),
+        "no text column": (["--corpus", str(no_text)], "has no text column 'text'; its columns are ['content']"),
+        "block size": (["--corpus", corpus, "--block-size", "300"], "block_size=300 is larger than the model's "
+                       "max_position_embeddings=257"),
+        "tokenizer": (["--corpus", corpus, "--tokenizer", str(big_tokenizer)], "the tokenizer has 258 tokens"),
+        "model arg": (["--corpus", corpus, "--model-arg", "hidden_size=30"], "EBTConfig.hidden_size=30 is invalid"),
+        "no budget": (["--corpus", corpus, "--max-steps", "0"], "max_steps must be >= 1"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing corpus", "empty corpus", "no text column", "block size", "tokenizer",
+                                  "model arg", "no budget"])
+def test_train_rejects_bad_input_clearly_and_keeps_the_existing_output_dir(case, tmp_path, trained_output_dir,
+                                                                          capsys):
+    flags, message = _bad_inputs(tmp_path)[case]
+    before = _snapshot(trained_output_dir)
+    budget = [] if "--max-steps" in flags else ["--max-steps", "1"]
+    status = main(["train", "--output-dir", str(trained_output_dir), "--overwrite", "--cache-dir",
+                   str(tmp_path / "cache"), "--size", "4xs", *budget, *flags])
+    assert status == 1
+    assert message in capsys.readouterr().err
+    assert _snapshot(trained_output_dir) == before
+
+
+def test_train_refuses_an_output_dir_with_a_model_without_resume_or_overwrite(tmp_path, trained_output_dir,
+                                                                              capsys):
+    before = _snapshot(trained_output_dir)
+    status = main(["train", "--output-dir", str(trained_output_dir), "--corpus", str(_corpus(tmp_path)),
+                   "--max-steps", "1"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "already holds a trained model or checkpoints" in err and "--resume" in err and "--overwrite" in err
+    assert _snapshot(trained_output_dir) == before
+
+
+def test_resume_needs_a_checkpoint_of_an_ebt_train_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--output-dir", str(tmp_path / "empty"), "--resume"]) == 1
+    assert "holds no complete checkpoint" in capsys.readouterr().err
