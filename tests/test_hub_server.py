@@ -314,6 +314,7 @@ def _tiny_llama(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 _LOAD_SCRIPT = textwrap.dedent("""
     import sys, torch
     from transformers import AutoModelForCausalLM
+    torch.set_num_threads(1)  # as the test process (conftest): the same kernels, bit-identical logits
     repo_id, cache_dir, ids_path, out_path = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(repo_id, cache_dir=cache_dir).eval()
     with torch.no_grad():
