@@ -94,13 +94,14 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def eager_attention(q, k, v, mask, scaling, self_kv=None):
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    q = q * scaling  # scale the small queries rather than the queries × keys scores
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if mask is not None:  # in place: the matmul's backward does not need its output
+        scores = scores.masked_fill_(~mask, float("-inf"))
     if self_kv is None:
         return torch.matmul(F.softmax(scores.float(), dim=-1).to(q.dtype), v)
     k_self, v_self = (repeat_kv(t, n_rep) for t in self_kv)
-    self_scores = (q * k_self).sum(-1, keepdim=True) * scaling
+    self_scores = (q * k_self).sum(-1, keepdim=True)
     probs = F.softmax(torch.cat((scores, self_scores), dim=-1).float(), dim=-1).to(q.dtype)
     return torch.matmul(probs[..., :-1], v) + probs[..., -1:] * v_self
 
