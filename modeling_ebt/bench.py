@@ -9,6 +9,7 @@ How it measures
   turns, one timed repetition of each per round, so that the load of a noisy machine falls on all of them alike.
   Only ratios within one group are compared with the targets.
 - Warm-up runs first; timings are medians over the timed repetitions (`time.perf_counter`, CPU ops are synchronous).
+  The git revision of the checkout is recorded at the start (and at the end, in case it changed during the run).
 - Peak RSS: `VmHWM` of /proc/self/status (resource.getrusage where that is missing). Writing "5" to
   /proc/self/clear_refs resets it to the current RSS, which scopes a peak to a measured region.
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention kernels, forward and backward), in a
@@ -28,7 +29,11 @@ generate: greedy decoding of exactly N new tokens (no EOS). Per generated token 
 (generating 1 + N tokens − generating 1 token) / N, so the prompt's prefill (= the 1-token generation) is reported on
 its own. tokens/s = batch × N / (t(1+N) − t(1)). Memory growth = peak RSS during the call − RSS before it (free heap
 memory is returned to the system with malloc_trim before each call, so the growth counts what the call touches).
-FLOPs are counted on one sequence and multiplied by the batch size (every op is linear in the batch).
+FLOPs are counted on one sequence and multiplied by the batch size (every op is linear in the batch). The recompute
+rows generate fewer new tokens (`--recompute-new-tokens`, default 4): each token costs a forward and backward over
+the whole prefix, and as that cost grows with the prefix, fewer tokens understate it (the ratios err against us).
+Each row repeats up to `--reps` times but stops once its timed runs took `--rep-budget` seconds (at least once); the
+table says how many repetitions each row used.
 
 Adding a row set to `generate` (e.g. long contexts): write a function returning groups of `GenCase`s and one
 returning `Target`s, register them in `GENERATE_ROW_SETS` as a `RowSet`, and select it with `--rows`.
@@ -240,6 +245,8 @@ class GenerateJob:
         self.new_tokens = spec["new_tokens"]
         self.extra = dict(recompute=True) if spec["model"] == "ebt" and spec["recompute"] else {}
         self.recompute = bool(self.extra)
+        self.short_warmup = self.recompute or spec.get("short_warmup", False)
+        self.extra.update(spec.get("generate_kwargs", {}))
         self.info = _model_info(self.model)
 
     def _generate(self, new_tokens: int, batch: int | None = None, prompt_len: int | None = None):
@@ -266,7 +273,7 @@ class GenerateJob:
     def warmup(self) -> None:
         """Recompute: one token from a short prompt (lazy initialisation; the full-size call is long). Otherwise a
         full-size generation."""
-        if self.recompute:
+        if self.short_warmup:
             self._generate(1, prompt_len=min(16, self.ids.shape[1]))
         else:
             self._generate(1 + self.new_tokens)
@@ -372,16 +379,17 @@ def log(message: str) -> None:
 
 @dataclass
 class Target:
-    """A ratio and its target: `value` ≥ `threshold` (op ">=") or ≤ (op "<="). value None: not measured."""
+    """A ratio and its target: `value` ≥ `threshold` (op ">=") or ≤ (op "<="). value None: not measured;
+    threshold None: a ratio reported for comparison, with no target."""
 
     name: str
     value: float | None
     op: str
-    threshold: float
+    threshold: float | None
 
     @property
     def passed(self) -> bool | None:
-        if self.value is None or not math.isfinite(self.value):
+        if self.threshold is None or self.value is None or not math.isfinite(self.value):
             return None
         return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
 
@@ -389,6 +397,8 @@ class Target:
         return dict(name=self.name, value=self.value, op=self.op, threshold=self.threshold, passed=self.passed)
 
     def line(self) -> str:
+        if self.threshold is None:
+            return f"{self.name:<58} {_fmt(self.value, '.3g'):>9}   (for comparison, no target)"
         status = {True: "PASS", False: "MISS", None: "n/a"}[self.passed]
         return f"{self.name:<58} {_fmt(self.value, '.3g'):>9}   target {self.op} {self.threshold:<8.4g} {status}"
 
@@ -459,15 +469,15 @@ def source_revision() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, revision: str | None) -> dict:
     import platform
 
     import torch
     import transformers
 
     return dict(torch_threads=threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-                source_revision=source_revision(), cpu_count=os.cpu_count(), torch=torch.__version__,
-                transformers=transformers.__version__, python=platform.python_version(),
+                source_revision=revision, source_revision_at_end=source_revision(), cpu_count=os.cpu_count(),
+                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 machine=platform.machine(), peak_reset_supported=reset_peak_rss())
 
 
@@ -569,7 +579,7 @@ def train_targets(variant: str, rows: list[dict]) -> list[Target]:
 
 
 def cmd_train(args) -> dict:
-    start = time.time()
+    start, revision = time.time(), source_revision()
     rows, targets, sanity = [], [], {}
     # One group per variant keeps the memory of the idle workers of a group within RAM at full size (each holds its
     # heap between steps); `--one-group` (the quick preset) measures all rows side by side with a single Llama.
@@ -590,7 +600,7 @@ def cmd_train(args) -> dict:
         [[r["variant"] or r["group"], r["label"], _fmt(r["tokens_per_s"], ".1f"), _fmt(r["step_seconds"], ".2f"),
           _gib(r["peak_rss"]), _fmt(r["flops_per_token"] / 1e9 if r["flops_per_token"] else None, ".4f"),
           r["steps"], r["attn_implementation"] or "-", r["error"] or ""] for r in rows])
-    print(header + f"; source {source_revision() or 'unknown'}")
+    print(header + f"; source {revision or 'unknown'}")
     print(table)
     print()
     for variant, s in sanity.items():
@@ -602,7 +612,7 @@ def cmd_train(args) -> dict:
     for target in targets:
         print(target.line())
     print(f"\nelapsed {time.time() - start:.0f} s")
-    payload = dict(command="train", args=vars(args), environment=environment(args.threads), rows=rows,
+    payload = dict(command="train", args=vars(args), environment=environment(args.threads, revision), rows=rows,
                    sanity=sanity, targets=[t.as_dict() for t in targets], elapsed_s=time.time() - start)
     write_json(args.json, payload)
     return payload
@@ -625,6 +635,9 @@ class GenCase:
     reps: int
     recompute: bool = False
     extra: dict = field(default_factory=dict)  # anything a row set wants to carry into its rows and targets
+    generate_kwargs: dict = field(default_factory=dict)  # passed to `generate` (e.g. prefill_chunk_size)
+    count_flops: bool = True
+    short_warmup: bool = False  # warm up on a short prompt (the full-size call is long)
 
     def flop_key(self) -> str:
         """FLOPs per sequence are shared by the rows that differ only in batch size."""
@@ -654,7 +667,7 @@ def standard_groups(args) -> list[list[GenCase]]:
                 GenCase(label="cached", model="ebt", config=config, new_tokens=args.new_tokens, reps=args.reps,
                         **common),
                 GenCase(label="recompute", model="ebt", config=config, new_tokens=args.recompute_new_tokens,
-                        reps=args.recompute_reps, recompute=True, **common),
+                        reps=args.reps, recompute=True, **common),
                 GenCase(label="llama", model="llama", config=llama_config(args.size, max_positions),
                         new_tokens=args.new_tokens, reps=args.reps, **common),
             ])
@@ -692,37 +705,82 @@ def standard_targets(rows: list[dict], args) -> list[Target]:
     return targets
 
 
+def long_context_groups(args) -> list[list[GenCase]]:
+    """Per context length: full attention vs a sliding window, each with MHA and GQA; batch 1, cached generation,
+    the prompt prefilled in chunks of `--window` tokens (so a windowed model never holds more than O(window))."""
+    max_positions = max(args.long_contexts) + args.long_new_tokens + 1
+    groups = []
+    for context in args.long_contexts:
+        cases = []
+        for attention, window in (("full", None), (f"window {args.window}", args.window)):
+            for heads, kv_heads in (("MHA", None), (f"GQA kv{args.gqa_kv_heads}", args.gqa_kv_heads)):
+                config = ebt_config(args.size, args.variant, max_positions, sliding_window=window,
+                                    num_key_value_heads=kv_heads)
+                cases.append(GenCase(
+                    group=f"long c{context}", label=f"{attention} {heads}", model="ebt", config=config,
+                    prompt_len=context, batch=1, new_tokens=args.long_new_tokens, reps=args.long_reps,
+                    generate_kwargs=dict(prefill_chunk_size=args.window), count_flops=False, short_warmup=True,
+                    extra=dict(context=context, window=window, kv_heads=kv_heads or config["num_attention_heads"])))
+        groups.append(cases)
+    return groups
+
+
+def long_context_targets(rows: list[dict], args) -> list[Target]:
+    """With the window: per-token time at 8K within 1.5× of 512, memory growth flat from 512 to the longest context
+    (full attention's ratios are printed beside them, with no target)."""
+    targets, first, longest = [], min(args.long_contexts), max(args.long_contexts)
+    for label in sorted({r["label"] for r in rows}):
+        def at(context, key, label=label):
+            row = _find(rows, rowset="long", label=label, context=context)
+            return row and row[key]
+
+        windowed = label.startswith("window")
+        if 8192 in args.long_contexts:
+            targets.append(Target(f"{label}: time per token at 8K / at {first}",
+                                  ratio(at(8192, "seconds_per_step"), at(first, "seconds_per_step")),
+                                  "<=", 1.5 if windowed else None))
+        targets.append(Target(f"{label}: memory growth at {longest} / at {first}",
+                              ratio(at(longest, "mem_growth"), at(first, "mem_growth")),
+                              "<=", 1.5 if windowed else None))
+    return targets
+
+
 GENERATE_ROW_SETS: dict[str, RowSet] = {
     "standard": RowSet(standard_groups, standard_targets,
                        "cached vs recompute vs same-size Llama at each prompt length and batch size"),
+    "long": RowSet(long_context_groups, long_context_targets,
+                   "long contexts: full attention vs sliding window, MHA vs GQA (per-token time and memory)"),
 }
 
 
 def run_generate_group(cases: list[GenCase], rowset: str, args, flop_cache: dict) -> list[dict]:
     specs = [dict(job="generate", model=c.model, config=c.config, recompute=c.recompute, batch=c.batch,
-                  prompt_len=c.prompt_len, new_tokens=c.new_tokens, seed=args.seed) for c in cases]
+                  prompt_len=c.prompt_len, new_tokens=c.new_tokens, seed=args.seed, short_warmup=c.short_warmup,
+                  generate_kwargs=c.generate_kwargs) for c in cases]
     names = [f"{c.group}/{c.label}" for c in cases]
     log(f"{cases[0].group}: starting {len(specs)} workers")
     workers = start_workers(specs, names, args.threads)
     try:
         for case, worker in zip(cases, workers):
             key = case.flop_key()
-            if key not in flop_cache:
+            if case.count_flops and key not in flop_cache:
                 log(f"{worker.name}: counting FLOPs (1 sequence, 1 and {1 + case.new_tokens} tokens)")
                 flop_cache[key] = worker.call("flops", tokens=[1, 1 + case.new_tokens], batch=1)
         for worker in workers:
             log(f"{worker.name}: warm-up")
             worker.call("warmup")
         runs = [([], []) for _ in cases]
+        spent = [0.0 for _ in cases]  # timed seconds per row; a row stops repeating past --rep-budget
         for rep in range(max(c.reps for c in cases)):
-            for case, worker, (first, full) in zip(cases, workers, runs):
-                if rep >= case.reps:
+            for i, (case, worker, (first, full)) in enumerate(zip(cases, workers, runs)):
+                if rep >= case.reps or (rep > 0 and spent[i] >= args.rep_budget):
                     continue
                 one = worker.call("run", new_tokens=1)
                 many = worker.call("run", new_tokens=1 + case.new_tokens)
                 if one and many:
                     first.append(one)
                     full.append(many)
+                    spent[i] += one["seconds"] + many["seconds"]
                     log(f"{worker.name}: rep {rep + 1}/{case.reps}: 1 token {one['seconds']:.2f} s, "
                         f"{1 + case.new_tokens} tokens {many['seconds']:.2f} s")
     finally:
@@ -753,7 +811,7 @@ def run_generate_group(cases: list[GenCase], rowset: str, args, flop_cache: dict
 
 
 def cmd_generate(args) -> dict:
-    start = time.time()
+    start, revision = time.time(), source_revision()
     rows, targets, flop_cache = [], [], {}
     for name in args.rows:
         rowset = GENERATE_ROW_SETS[name]
@@ -763,10 +821,12 @@ def cmd_generate(args) -> dict:
         rows += set_rows
         targets += rowset.targets(set_rows, args)
     print(f"bench generate: size {args.size}, variant {args.variant}, 2 descent steps, greedy; torch threads "
-          f"{args.threads} (OMP_WAIT_POLICY {args.omp_wait_policy}); source {source_revision() or 'unknown'}.\n"
+          f"{args.threads} (OMP_WAIT_POLICY {args.omp_wait_policy}); source {revision or 'unknown'}.\n"
           f"Per generated token = marginal cost (t(1+new) - t(1)) / new, medians over `reps`; tok/s = batch * new / "
           f"(t(1+new) - t(1));\nFLOPs counted on one sequence, times the batch; mem growth = peak RSS during the "
-          f"(1+new)-token call - RSS before it (max over reps).")
+          f"(1+new)-token call - RSS before it (max over reps).\nRows repeat up to {args.reps} times, until their "
+          f"timed runs took {args.rep_budget:g} s; recompute rows generate {args.recompute_new_tokens} new tokens "
+          f"(their cost per token grows with the prefix: fewer tokens understate it).")
     print(format_table(
         ["group", "mode", "prompt", "batch", "new", "reps", "tok/s", "ms/token-step", "MFLOP/token",
          "mem growth MiB", "error"],
@@ -784,7 +844,7 @@ def cmd_generate(args) -> dict:
     for target in targets:
         print(target.line())
     print(f"\nelapsed {time.time() - start:.0f} s")
-    payload = dict(command="generate", args=vars(args), environment=environment(args.threads), rows=rows,
+    payload = dict(command="generate", args=vars(args), environment=environment(args.threads, revision), rows=rows,
                    targets=[t.as_dict() for t in targets], elapsed_s=time.time() - start)
     write_json(args.json, payload)
     return payload
@@ -809,7 +869,7 @@ def _names(choices):
 
 TRAIN_QUICK = dict(size="tiny", batch_size=2, seq_len=32, steps=2, warmup=0, one_group=True)
 GENERATE_QUICK = dict(size="tiny", prompt_lengths=[32], batch_sizes=[2], new_tokens=8, recompute_new_tokens=4,
-                      reps=3, recompute_reps=2, max_positions=128)
+                      reps=3, max_positions=128)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -851,8 +911,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--recompute-new-tokens", type=int, default=4,
                      help="new tokens of the recompute rows (default 4: each costs a full forward+backward over the "
                           "whole prefix; its cost per token grows with the prefix, so fewer tokens understate it)")
-    gen.add_argument("--reps", type=int, default=3, help="timed repetitions of the cached and Llama rows")
-    gen.add_argument("--recompute-reps", type=int, default=1, help="timed repetitions of the recompute rows")
+    gen.add_argument("--reps", type=int, default=3, help="timed repetitions per row, at most (default 3)")
+    gen.add_argument("--rep-budget", type=float, default=60.0,
+                     help="a row stops repeating once its timed runs took this many seconds; it runs at least once "
+                          "(default 60: the long recompute rows run once or twice)")
+    gen.add_argument("--long-contexts", type=_ints, default=[512, 2048, 8192, 16384],
+                     help="context lengths of the `long` row set")
+    gen.add_argument("--window", type=int, default=256, help="sliding window of the `long` row set")
+    gen.add_argument("--gqa-kv-heads", type=int, default=2, help="key/value heads of its GQA rows")
+    gen.add_argument("--long-new-tokens", type=int, default=16)
+    gen.add_argument("--long-reps", type=int, default=2)
     gen.add_argument("--max-positions", type=int, default=2048,
                      help="max_position_embeddings of the models (raised to fit the longest sequence)")
     return parser
