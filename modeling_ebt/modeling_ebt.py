@@ -30,6 +30,11 @@ from transformers.utils import ModelOutput
 from .configuration_ebt import EBTConfig
 
 
+def softmax_dtype(x: torch.Tensor) -> torch.dtype:
+    """Norms and softmax run in at least float32 (half precisions are promoted, float64 is kept)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class EBTRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -37,7 +42,8 @@ class EBTRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(hidden.float(), hidden.shape[-1:], eps=self.eps)  # in float32, as the reference
+        # in at least float32, as the reference (float64 stays float64)
+        normed = F.rms_norm(hidden.to(softmax_dtype(hidden)), hidden.shape[-1:], eps=self.eps)
         return normed.type_as(hidden) * self.weight
 
 
@@ -99,10 +105,10 @@ def eager_attention(q, k, v, mask, scaling, self_kv=None):
     if mask is not None:  # in place: the matmul's backward does not need its output
         scores = scores.masked_fill_(~mask, float("-inf"))
     if self_kv is None:
-        return torch.matmul(F.softmax(scores.float(), dim=-1).to(q.dtype), v)
+        return torch.matmul(F.softmax(scores, dim=-1, dtype=softmax_dtype(q)).to(q.dtype), v)
     k_self, v_self = (repeat_kv(t, n_rep) for t in self_kv)
     self_scores = (q * k_self).sum(-1, keepdim=True)
-    probs = F.softmax(torch.cat((scores, self_scores), dim=-1).float(), dim=-1).to(q.dtype)
+    probs = F.softmax(torch.cat((scores, self_scores), dim=-1), dim=-1, dtype=softmax_dtype(q)).to(q.dtype)
     return torch.matmul(probs[..., :-1], v) + probs[..., -1:] * v_self
 
 

@@ -117,3 +117,20 @@ def test_peak_rss_helpers():
     assert bench.rss_bytes() >= 0 and bench.peak_rss_bytes() > 0
     if bench.reset_peak_rss():  # after a reset the peak is the current RSS, give or take a page
         assert bench.peak_rss_bytes() <= bench.rss_bytes() + 4 * 2**20
+
+
+def test_generate_long_rows_quick(tmp_path):
+    payload = run_bench("generate", "--rows", "long", "--size", "tiny", "--long-contexts", "48,96", "--window", "8",
+                        "--long-new-tokens", "3", "--long-reps", "1", "--gqa-kv-heads", "1",
+                        json_path=tmp_path / "long.json")
+    rows = payload["rows"]
+    assert {(r["context"], r["label"]) for r in rows} == {
+        (c, label) for c in (48, 96) for label in ("full MHA", "full GQA kv1", "window 8 MHA", "window 8 GQA kv1")}
+    for row in rows:
+        # (per-token figures of 3 tokens on a tiny model can drown in timing noise: only the raw timings are checked)
+        assert row["error"] is None and positive(row["prefill_seconds"]) and all(map(positive, row["seconds_n"]))
+        assert row["kv_heads"] == (1 if "GQA" in row["label"] else 2)  # the tiny size has 2 heads
+    targets = {t["name"]: t for t in payload["targets"]}
+    windowed = targets["window 8 MHA: memory growth at 96 / at 48"]
+    assert windowed["threshold"] == 1.5 and windowed["passed"] == (windowed["value"] <= 1.5)
+    assert targets["full MHA: memory growth at 96 / at 48"]["threshold"] is None

@@ -205,3 +205,15 @@ def test_system2_training_options_run_and_backpropagate():
     assert second.logits.shape[0] == 6
     model.eval()
     assert len(model(ids, labels=ids).step_losses) == 3  # evaluation uses the maximum number of steps
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_in_float64_the_efficient_streams_equal_recompute_to_round_off(variant):
+    # the float32 differences above are round-off amplified by the descent: in float64 they vanish
+    model = tiny_model(ebt_type=variant, mcmc_num_steps=3).double().train()
+    ids, initial = batch(), torch.randn(2, 12, 257, dtype=torch.float64)
+    fast = model(ids, labels=ids, initial_logits=initial)
+    slow = model(ids, labels=ids, initial_logits=initial, thinking=ThinkingConfig(recompute=True))
+    assert fast.logits.dtype == torch.float64
+    torch.testing.assert_close(fast.energies, slow.energies, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-10, atol=1e-10)
