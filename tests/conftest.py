@@ -11,7 +11,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE_FIXTURES = SHARED / "fixtures" / "reference_ebt"
 TINY_SHAKESPEARE = SHARED / "data" / "tiny_shakespeare.txt"
 
-# The tests use tiny models: one thread is as fast as two, and keeps concurrent test processes from thrashing.
+# The tests use tiny models: one thread is as fast as two, and keeps concurrent processes from thrashing (spinning
+# OpenMP threads made tiny models ~100x slower on this 2-core machine). Subprocess tests set OMP_NUM_THREADS=1 alike.
 torch.set_num_threads(1)
 
 

@@ -36,13 +36,6 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): the same float32 kernels
-    yield
-    torch.set_num_threads(previous)
-
 
 def write_corpus(path: Path) -> Path:
     words = "to be or not that is the question whether tis nobler in mind suffer slings arrows".split()

@@ -26,13 +26,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # like the subprocesses below (OMP_NUM_THREADS=1): the same float32 kernels
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:

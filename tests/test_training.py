@@ -30,15 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tiny_shakespeare.txt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and one thread does not crawl when other jobs share the cores (two
-    OpenMP threads on two busy cores made a 0.08 s step take seconds)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def tiny_config(**overrides) -> EBTConfig:
     fields = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
