@@ -93,23 +93,23 @@ class EBTMLP(nn.Module):
 # own key/value (the candidate stream): one softmax over the masked context scores and the self score.
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
 def eager_attention(q, k, v, mask, scaling, self_kv=None):
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    q = q * scaling  # scale the small queries rather than the queries × keys scores
+    batch, heads, queries, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads  # query heads per key/value head (GQA): folded into the query axis, so the
+    grouped = (batch, kv_heads, groups * queries, dim)  # cached keys and values are never copied per query head
+    q = (q * scaling).reshape(grouped)  # scale the small queries rather than the queries × keys scores
     scores = torch.matmul(q, k.transpose(-1, -2))
     if mask is not None:  # in place: the matmul's backward does not need its output
-        scores = scores.masked_fill_(~mask, float("-inf"))
+        scores = scores.masked_fill_(~mask.repeat(1, 1, groups, 1), float("-inf"))
     if self_kv is None:
-        return torch.matmul(F.softmax(scores, dim=-1, dtype=softmax_dtype(q)).to(q.dtype), v)
-    k_self, v_self = (repeat_kv(t, n_rep) for t in self_kv)
+        out = torch.matmul(F.softmax(scores, dim=-1, dtype=softmax_dtype(q)).to(q.dtype), v)
+        return out.view(batch, heads, queries, dim)
+    k_self, v_self = (t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(grouped) for t in self_kv)
     self_scores = (q * k_self).sum(-1, keepdim=True)
     probs = F.softmax(torch.cat((scores, self_scores), dim=-1), dim=-1, dtype=softmax_dtype(q)).to(q.dtype)
-    return torch.matmul(probs[..., :-1], v) + probs[..., -1:] * v_self
+    out = torch.matmul(probs[..., :-1], v) + probs[..., -1:] * v_self
+    return out.view(batch, heads, queries, dim)
 
 
 def sdpa_attention(q, k, v, mask, scaling, self_kv=None):
