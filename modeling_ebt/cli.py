@@ -117,9 +117,16 @@ def train_options(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from .training import run_training
 
     run_training(train_options(args))
+    # Under `accelerate launch` the process group is torn down before the interpreter exits: left to finalization,
+    # gloo's worker threads can abort the process after the model was saved ("terminate called without an active
+    # exception", pytorch/pytorch#190489). Only on success: after an error another rank may still be in a collective.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

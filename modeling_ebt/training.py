@@ -620,8 +620,10 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(options.output_dir)
         (Path(options.output_dir) / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
+    evaluated = (f"final eval loss {metrics['eval_last_step_loss']:.4f}" if "eval_last_step_loss" in metrics
+                 else "not evaluated (--eval-samples 0)")
     _say(f"saved the model to {options.output_dir} after {summary['steps']} steps ({summary['tokens_seen']:,} "
-         f"tokens); final eval loss {summary['eval'].get('eval_last_step_loss', float('nan')):.4f}", main)
+         f"tokens); {evaluated}", main)
     return summary
 
 
