@@ -17,10 +17,12 @@ base model (energy function), causal LM (energy descent, loss, generation).
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicLayer
@@ -262,6 +264,7 @@ class EBTModel(EBTPreTrainedModel):
         self.norm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.energy_head = nn.Linear(config.hidden_size, 1, bias=False)
         self.rotary_emb = EBTRotaryEmbedding(config)
+        self.gradient_checkpointing = False  # set by EBTForCausalLM.activation_checkpointing_enable()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -375,7 +378,10 @@ class EBTModel(EBTPreTrainedModel):
             if i == n_layers - 1:  # candidates only need the last layer's keys and values
                 kv.append(layer.self_attn.key_values(layer.input_layernorm(hidden), cos, sin, cache, first_slot + i))
             else:
-                hidden, layer_kv = layer(hidden, cos, sin, attend, cache=cache, cache_slot=first_slot + i)
+                run = layer
+                if self.gradient_checkpointing and create_graph:  # recompute the layer's activations in backward
+                    run = partial(self._gradient_checkpointing_func, layer)
+                hidden, layer_kv = run(hidden, cos, sin, attend, cache=cache, cache_slot=first_slot + i)
                 kv.append(layer_kv)
         drop = new - seq
         return ObservedContext(kv, keys, key_valid, index[drop:], position[:, drop:])
@@ -545,6 +551,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
 
     # the loss is a mean over this batch's tokens: the Trainer must scale it for gradient accumulation and DDP
     accepts_loss_kwargs = False
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: EBTConfig):
         super().__init__(config)
@@ -552,6 +559,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         self.alpha = nn.Parameter(torch.tensor(float(config.mcmc_step_size)),
                                   requires_grad=config.mcmc_step_size_learnable)
         self.replay_buffer = ReplayBuffer(config.mcmc_replay_buffer_size) if config.mcmc_replay_buffer else None
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -600,10 +608,12 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if detach or not logits.requires_grad:
                 logits = logits.detach().requires_grad_()
             noisy = logits + noise * torch.randn_like(logits) if noise else logits
-            probs = F.softmax(noisy, dim=-1) if self.config.normalize_initial_condition else noisy
-            energy = energy_fn(probs, landscape)
             graph = create_graph and (not truncate or k == len(schedule) - 1)
-            (grad,) = torch.autograd.grad(energy.sum(), probs, create_graph=graph, retain_graph=create_graph)
+            args = (energy_fn, noisy, landscape, graph, create_graph)
+            if graph and self.gradient_checkpointing:  # keep only the step's inputs; rebuild its graph in backward
+                probs, energy, grad = self._gradient_checkpointing_func(self.descent_step, *args)
+            else:
+                probs, energy, grad = self.descent_step(*args)
             if not (torch.isfinite(energy).all() and torch.isfinite(grad).all()):
                 raise FloatingPointError(
                     f"non-finite energy or energy gradient at descent step {k} (step size α="
@@ -627,6 +637,25 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if active is not None and not active.any():
                 break
         return step_logits, step_energies, steps_used
+
+    def descent_step(self, energy_fn, logits, landscape, create_graph, retain_graph):
+        """The candidate distribution of `logits`, its energy, and the energy's gradient with respect to it."""
+        probs = F.softmax(logits, dim=-1) if self.config.normalize_initial_condition else logits
+        energy = energy_fn(probs, landscape)
+        (grad,) = torch.autograd.grad(energy.sum(), probs, create_graph=create_graph, retain_graph=retain_graph)
+        return probs, energy, grad
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        """`activation_checkpointing_enable()` (or `TrainingArguments(activation_checkpointing=True)`): in training,
+        each descent step keeps only its inputs and its graph (candidate forward and input gradient) is rebuilt
+        during the backward, and so are the activations of each observed-stream layer: less memory for about one
+        more forward pass per step. `every_n_layers` does not apply (the unit is the descent step)."""
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
+            raise ValueError("EBT activation checkpointing needs use_reentrant=False: a descent step takes a gradient "
+                             "inside the checkpointed region, which the reentrant variant runs without autograd")
+        for module in (self, self.model):
+            module.gradient_checkpointing = enable
+            module._gradient_checkpointing_func = gradient_checkpointing_func
 
     # --- forward ----------------------------------------------------------------------------------------------
 

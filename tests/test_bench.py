@@ -47,8 +47,8 @@ def test_train_quick(tmp_path):
     assert payload["environment"]["torch_threads"] >= 1
     rows = payload["rows"]
     assert {(r["label"], r["variant"]) for r in rows} == {
-        ("ours", "default"), ("recompute", "default"), ("ours", "time_embed"), ("recompute", "time_embed"),
-        ("llama", None)}
+        (label, variant) for label in ("ours", "ours+ckpt", "recompute") for variant in ("default", "time_embed")
+    } | {("llama", None)}
     for row in rows:
         assert row["error"] is None
         for key in ("tokens_per_s", "step_seconds", "peak_rss", "flops_per_token"):
@@ -62,8 +62,13 @@ def test_train_quick(tmp_path):
         sanity = payload["sanity"][variant]
         assert sanity["loss_rel_diff"] < 1e-4 and sanity["energies_rel_diff"] < 1e-4, sanity
         assert sanity["max_rel_diff"] == max(sanity["loss_rel_diff"], sanity["energies_rel_diff"])
+        assert sanity["checkpointing_loss_rel_diff"] == 0  # the same function, recomputed
+        # checkpointing recomputes each descent step's forward and input gradient in the backward
+        ours, ckpt = (next(r for r in rows if r["label"] == label and r["variant"] == variant)
+                      for label in ("ours", "ours+ckpt"))
+        assert ckpt["flops_per_token"] > ours["flops_per_token"]
     check_targets(payload)
-    assert len(payload["targets"]) == 8
+    assert len(payload["targets"]) == 16
 
 
 def test_generate_quick(tmp_path):

@@ -207,6 +207,51 @@ def test_system2_training_options_run_and_backpropagate():
     assert len(model(ids, labels=ids).step_losses) == 3  # evaluation uses the maximum number of steps
 
 
+@pytest.mark.parametrize("options", [
+    dict(ebt_type="default"),
+    dict(ebt_type="time_embed", mcmc_num_steps=3),
+    dict(ebt_type="default", no_mcmc_detach=True, langevin_dynamics_noise=0.3, randomize_mcmc_step_size_scale=2.0,
+         contrastive_loss_coeff=0.5),
+    dict(ebt_type="time_embed", truncate_mcmc=True),
+], ids=["default", "time_embed", "no_detach_noise", "truncated"])
+def test_activation_checkpointing_recomputes_each_step_and_gives_the_same_gradients(options):
+    def train_step(checkpointing):
+        model = tiny_model(**options).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        assert model.is_activation_checkpointing == checkpointing
+        calls = []
+        energy = model.model.energy
+        model.model.energy = lambda *args, **kwargs: calls.append(1) or energy(*args, **kwargs)
+        torch.manual_seed(3)  # the same initial noise, Langevin noise and step-size scales in both runs
+        ids = batch()
+        out = model(ids, labels=ids)
+        forward_calls = len(calls)
+        out.loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return out, grads, len(calls) - forward_calls
+
+    plain, plain_grads, plain_recomputed = train_step(False)
+    checkpointed, grads, recomputed = train_step(True)
+    assert plain_recomputed == 0
+    # every descent step whose second-order graph is kept is rebuilt once in the backward
+    assert recomputed == (1 if options.get("truncate_mcmc") else len(plain.energies))
+    torch.testing.assert_close(checkpointed.loss, plain.loss, rtol=0, atol=0)
+    torch.testing.assert_close(checkpointed.energies, plain.energies, rtol=0, atol=0)
+    assert grads.keys() == plain_grads.keys() and "alpha" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_activation_checkpointing_refuses_the_reentrant_variant_and_can_be_disabled():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable()
+    model.activation_checkpointing_disable()
+    assert not model.is_activation_checkpointing
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_in_float64_the_efficient_streams_equal_recompute_to_round_off(variant):
     # the float32 differences above are round-off amplified by the descent: in float64 they vanish

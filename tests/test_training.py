@@ -173,14 +173,16 @@ def test_ebt_trainer_lowers_validation_loss_on_tiny_shakespeare_and_logs_the_des
     assert train_logs[-1]["alpha"] == pytest.approx(float(model.alpha.detach()), rel=0.1)
 
 
-def _train_weights(tmp_path, trainer_class, batch_size, accumulation, **config):
+def _train_weights(tmp_path, trainer_class, batch_size, accumulation, training_args=None, **config):
     set_seed(0)
     model = EBTForCausalLM(tiny_config(denoising_initial_condition="zeros", **config))
     args = trainer_args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                        optim="sgd", max_grad_norm=0.0, learning_rate=0.05, lr_scheduler_type="constant")
+                        optim="sgd", max_grad_norm=0.0, learning_rate=0.05, lr_scheduler_type="constant",
+                        **(training_args or {}))
     trainer = trainer_class(model=model, args=args, train_dataset=token_dataset(16),
                             data_collator=default_data_collator)
     trainer.train()
+    assert model.is_activation_checkpointing == args.activation_checkpointing
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -189,6 +191,14 @@ def test_ebt_trainer_gradient_accumulation_matches_the_full_batch(tmp_path):
     accumulated = _train_weights(tmp_path, EBTTrainer, batch_size=2, accumulation=2)
     for name in full:
         torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_activation_checkpointing_from_training_arguments_reaches_the_same_weights(tmp_path):
+    plain = _train_weights(tmp_path, EBTTrainer, batch_size=4, accumulation=1)
+    checkpointed = _train_weights(tmp_path, EBTTrainer, batch_size=4, accumulation=1,
+                                  training_args=dict(activation_checkpointing=True))
+    moved = max(float((plain[name] - checkpointed[name]).abs().max()) for name in plain)
+    assert moved == 0.0  # the same function recomputed: the same float operations, the same weights
 
 
 def test_stock_trainer_trains_and_evaluates_an_ebt(tmp_path):
