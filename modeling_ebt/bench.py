@@ -21,10 +21,11 @@ How it measures
 
 train: one training step = forward (energy descent with second-order graph for the EBT), backward, gradient
 clipping (1.0) and an AdamW step. Our rows: "ours" (the default) and "ours+ckpt" (`activation_checkpointing_enable()`:
-each descent step's graph is recomputed in the backward). tokens/s = batch × seq / median step time; peak RSS = the worker's peak over the
-warm-up and timed steps (model, optimizer state and activations included); FLOPs per token = FLOPs of forward +
-backward of one step / (batch × seq). The first step of each EBT worker starts from the same seed in both modes, so
-its loss and energies give the sanity line (the two modes compute the same function).
+each descent step's graph is recomputed in the backward). tokens/s = batch × seq / median step time; peak RSS = the
+worker's peak over the warm-up and timed steps (model, optimizer state and activations included; free heap left by
+the untimed first step is returned first); FLOPs per token = FLOPs of forward + backward of one step / (batch × seq).
+The first step of each EBT worker starts from the same seed in every mode, so its loss and energies give the sanity
+line (the modes compute the same function).
 
 generate: greedy decoding of exactly N new tokens (no EOS). Per generated token means the marginal cost:
 (generating 1 + N tokens − generating 1 token) / N, so the prompt's prefill (= the 1-token generation) is reported on
@@ -565,7 +566,8 @@ def run_train_group(variants: list[str], args) -> tuple[list[dict], dict]:
                          loss_ours=ours["loss"], loss_recompute=rec["loss"])
             entry["max_rel_diff"] = max(entry["loss_rel_diff"], entry["energies_rel_diff"])
         # activation checkpointing recomputes the same function from the same seed: the same loss
-        entry["checkpointing_loss_rel_diff"] = _relative_difference(ckpt["loss"], ours["loss"]) if ours and ckpt else None
+        entry["checkpointing_loss_rel_diff"] = (_relative_difference(ckpt["loss"], ours["loss"]) if ours and ckpt
+                                                else None)
         sanity[variant] = entry
     return rows, sanity
 

@@ -18,7 +18,8 @@ class EBTConfig(PreTrainedConfig):
         num_hidden_layers, num_attention_heads, num_key_value_heads (GQA/MQA; default: num_attention_heads),
         rms_norm_eps, rope_theta, max_position_embeddings (the longest `input_ids` the model accepts; the
         reference's `context_length` + 1), sliding_window (None: full attention; W: each token sees the last W
-        observed tokens, see the README).
+        observed tokens, see the README), num_sink_tokens (with a sliding window: this many leading observed
+        tokens stay visible to every token, "attention sinks").
 
     Energy descent ("thinking"; names of the reference):
         ebt_type: "default" (one energy landscape) or "time_embed" (one learned landscape token per step).
@@ -55,6 +56,7 @@ class EBTConfig(PreTrainedConfig):
     rope_theta: float = 10000.0
     max_position_embeddings: int = 257
     sliding_window: int | None = None
+    num_sink_tokens: int = 0
     initializer_gain: float = 1.0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -124,6 +126,10 @@ class EBTConfig(PreTrainedConfig):
         require(self.sliding_window is None or (is_int(self.sliding_window)
                 and 1 <= self.sliding_window <= self.max_position_embeddings), "sliding_window",
                 f"None or an integer in [1, max_position_embeddings={self.max_position_embeddings}]")
+        require(is_int(self.num_sink_tokens) and 0 <= self.num_sink_tokens < self.max_position_embeddings,
+                "num_sink_tokens", f"an integer in [0, max_position_embeddings={self.max_position_embeddings})")
+        require(self.num_sink_tokens == 0 or self.sliding_window is not None, "num_sink_tokens",
+                "0 without a sliding_window (under full attention every token is visible anyway)")
         for field in ("rms_norm_eps", "rope_theta", "mcmc_step_size", "initializer_gain"):
             require(is_number(getattr(self, field)) and getattr(self, field) > 0, field, "a number > 0")
         for field in ("mcmc_step_size_lr_multiplier", "gaussian_random_noise_scaling", "langevin_dynamics_noise",

@@ -199,8 +199,9 @@ class EBTPreTrainedModel(PreTrainedModel):
 
 
 class SinkSlidingWindowLayer(DynamicLayer):
-    """A rolling cache layer of O(window) memory that also keeps the first `num_sink_tokens` keys (the landscape
-    token of `time_embed`, always visible). Returns the kept keys plus the new ones."""
+    """A rolling cache layer of O(window) memory that also keeps the first `num_sink_tokens` keys (the always-visible
+    ones: the landscape token of `time_embed` and the configured sink tokens). Returns the kept keys plus the new
+    ones."""
 
     is_sliding = True
 
@@ -278,6 +279,11 @@ class EBTModel(EBTPreTrainedModel):
         """Tokens in front of the observed sequence: the landscape token of `time_embed`."""
         return 1 if self.config.ebt_type == "time_embed" else 0
 
+    @property
+    def num_always_visible(self) -> int:
+        """Leading keys that every token sees under a sliding window: the landscape token and the sink tokens."""
+        return self.num_prefix_tokens + self.config.num_sink_tokens
+
     def attention_function(self, create_graph: bool) -> Callable:
         """Second-order gradients (training) need explicit softmax attention: fused kernels have no double
         backward. Otherwise the configured implementation."""
@@ -291,17 +297,17 @@ class EBTModel(EBTPreTrainedModel):
         window = self.config.sliding_window
         if window is None:
             return Cache(layers=[DynamicLayer() for _ in range(slots)])
-        return Cache(layers=[SinkSlidingWindowLayer(window, self.num_prefix_tokens) for _ in range(slots)])
+        return Cache(layers=[SinkSlidingWindowLayer(window, self.num_always_visible) for _ in range(slots)])
 
     def _key_index(self, past, new, cache, device):
         """Sequence indices of the keys attention sees after appending `new` tokens to `past` cached ones."""
         total = past + new
-        window, prefix = self.config.sliding_window, self.num_prefix_tokens
-        kept = past if cache is None or window is None else min(past, prefix + window - 1)
+        window, sinks = self.config.sliding_window, self.num_always_visible
+        kept = past if cache is None or window is None else min(past, sinks + window - 1)
         if kept == past:
             return torch.arange(total, device=device)
-        return torch.cat((torch.arange(prefix, device=device), torch.arange(total - (kept - prefix) - new, total,
-                                                                              device=device)))
+        return torch.cat((torch.arange(sinks, device=device), torch.arange(total - (kept - sinks) - new, total,
+                                                                             device=device)))
 
     def _prefix_valid(self, attention_mask):
         """The attention mask extended over the landscape token (never padding)."""
@@ -310,12 +316,12 @@ class EBTModel(EBTPreTrainedModel):
         return torch.cat((attention_mask.new_ones(attention_mask.shape[0], self.num_prefix_tokens), attention_mask), 1)
 
     def _visible(self, query_index, keys, key_valid):
-        """Boolean batch × 1 × queries × keys: causal, inside the sliding window (the prefix token always
-        visible), not padding. `keys` are the keys' sequence indices."""
+        """Boolean batch × 1 × queries × keys: causal, inside the sliding window (the landscape and sink tokens
+        always visible), not padding. `keys` are the keys' sequence indices."""
         visible = keys[None, :] <= query_index[:, None]
         if self.config.sliding_window is not None:
             in_window = query_index[:, None] - keys[None, :] < self.config.sliding_window
-            visible &= in_window | (keys[None, :] < self.num_prefix_tokens)
+            visible &= in_window | (keys[None, :] < self.num_always_visible)
         visible = visible[None, None]
         if key_valid is not None:
             visible = visible & key_valid[:, keys][:, None, None, :].bool()
@@ -343,7 +349,7 @@ class EBTModel(EBTPreTrainedModel):
             for start in range(0, len(query_index), window):
                 rows = slice(start, start + window)
                 queries = query_index[rows]
-                near = (keys > queries.min() - window) & (keys <= queries.max()) | (keys < self.num_prefix_tokens)
+                near = (keys > queries.min() - window) & (keys <= queries.max()) | (keys < self.num_always_visible)
                 cols = near.nonzero().squeeze(1)
                 block_self = tuple(t[:, :, rows] for t in self_kv) if self_kv is not None else None
                 out.append(attention_fn(q[:, :, rows], k[:, :, cols], v[:, :, cols], mask_for(queries, keys[cols]),

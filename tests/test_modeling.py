@@ -36,6 +36,8 @@ def test_config_defaults_are_the_papers_system1_recipe():
     ("randomize_mcmc_step_size_scale", 0.5, "randomize_mcmc_step_size_scale=0.5 is invalid"),
     ("sliding_window", 0, "sliding_window=0 is invalid: expected None or an integer in [1, max_position_embeddings"),
     ("sliding_window", 65, "sliding_window=65 is invalid"),
+    ("num_sink_tokens", 2, "num_sink_tokens=2 is invalid: expected 0 without a sliding_window"),
+    ("num_sink_tokens", -1, "num_sink_tokens=-1 is invalid: expected an integer in [0, max_position_embeddings"),
     ("vocab_size", 0, "vocab_size=0 is invalid"),
     ("truncate_mcmc", "yes", "truncate_mcmc='yes' is invalid: expected True or False"),
     ("tie_word_embeddings", True, "tie_word_embeddings=True is invalid"),
