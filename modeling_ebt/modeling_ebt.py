@@ -537,12 +537,17 @@ class EBTGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 class ReplayBuffer:
-    """Final logits of earlier batches, to restart their descent from (System 2 training)."""
+    """Final logits of earlier batches, to restart their descent from (System 2 training). It holds sequences of one
+    length: a batch of another length replaces what it held."""
+
+    FIELDS = ("input_ids", "labels", "logits")
 
     def __init__(self, size: int):
         self.size, self.records = size, []
 
     def add(self, input_ids, labels, logits):
+        if self.records and self.records[0][0].shape != input_ids.shape[1:]:
+            self.records = []
         for row in zip(input_ids.cpu(), labels.cpu(), logits.detach().cpu()):
             self.records.append(row)
         del self.records[: max(len(self.records) - self.size, 0)]
@@ -550,6 +555,15 @@ class ReplayBuffer:
     def sample(self, count: int, device):
         picks = torch.randperm(len(self.records))[:count].tolist()
         return [torch.stack([self.records[i][j] for i in picks]).to(device) for j in range(3)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The records as three stacked tensors (empty when the buffer is), e.g. for safetensors."""
+        if not self.records:
+            return {}
+        return {name: torch.stack([record[j] for record in self.records]) for j, name in enumerate(self.FIELDS)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.records = list(zip(*(state[name].unbind(0) for name in self.FIELDS))) if state else []
 
 
 class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):

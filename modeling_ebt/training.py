@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -329,6 +330,24 @@ class EBTTrainer(Trainer):
                 tokens &= inputs["attention_mask"][:, 1:].bool()
             self._eval_stats.add(outputs, alpha, weight=float(tokens.sum()))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    # A checkpoint saves, per process, the RNG states and (System 2) the replay buffer, so that a resumed run
+    # continues exactly; both are restored together when training resumes.
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        buffer = _unwrap(self.model).replay_buffer
+        if buffer is not None and buffer.records:
+            save_file(buffer.state_dict(), os.path.join(output_dir, self._replay_buffer_file()))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        buffer = _unwrap(self.model).replay_buffer
+        if buffer is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, self._replay_buffer_file())
+            buffer.load_state_dict(load_file(path) if os.path.isfile(path) else {})
+
+    def _replay_buffer_file(self) -> str:
+        return f"replay_buffer_{self.args.process_index}.safetensors"
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if ignore_keys is None:

@@ -56,9 +56,12 @@ def main() -> None:
     parser.add_argument("--out", default="runs/sink-study")
     args = parser.parse_args()
     out = Path(args.out)
-    settings = {"full": dict(sliding_window=None, num_sink_tokens=0), f"window {args.window}": dict(sliding_window=args.window, num_sink_tokens=0),
-                f"window {args.window} + {args.sinks} sinks": dict(sliding_window=args.window,
-                                                                   num_sink_tokens=args.sinks)}
+    window = dict(sliding_window=args.window)
+    settings = {
+        "full": dict(sliding_window=None, num_sink_tokens=0),
+        f"window {args.window}": dict(window, num_sink_tokens=0),
+        f"window {args.window} + {args.sinks} sinks": dict(window, num_sink_tokens=args.sinks),
+    }
     trained = {name: train(out / name.replace(" ", "_").replace("+", "and"), args.steps, attention)
                for name, attention in settings.items()}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
 
 from modeling_ebt import EBTConfig, EBTForCausalLM, EBTTokenizer
@@ -199,6 +200,50 @@ def test_activation_checkpointing_from_training_arguments_reaches_the_same_weigh
                                   training_args=dict(activation_checkpointing=True))
     moved = max(float((plain[name] - checkpointed[name]).abs().max()) for name in plain)
     assert moved == 0.0  # the same function recomputed: the same float operations, the same weights
+
+
+def test_a_resumed_system2_run_restores_its_replay_buffer_and_reaches_the_same_weights(tmp_path):
+    system2 = dict(mcmc_replay_buffer=True, mcmc_replay_buffer_size=6, randomize_mcmc_num_steps=1,
+                   langevin_dynamics_noise=0.2)
+
+    def run(resume_from=None):
+        set_seed(0)
+        model = EBTForCausalLM(tiny_config(**system2))
+        args = trainer_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, optim="sgd",
+                            max_grad_norm=0.0, learning_rate=0.05, lr_scheduler_type="constant")
+        trainer = EBTTrainer(model=model, args=args, train_dataset=token_dataset(16),
+                             data_collator=default_data_collator)
+        trainer.train(resume_from_checkpoint=resume_from)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.replay_buffer
+
+    uninterrupted, buffer = run()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    saved = load_file(checkpoint / "replay_buffer_0.safetensors")
+    assert saved["input_ids"].shape == (6, 32) and saved["logits"].shape == (6, 32, 257)
+    assert len(buffer.records) == 6
+    resumed, _ = run(resume_from=str(checkpoint))
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0, msg=name)
+
+    (checkpoint / "replay_buffer_0.safetensors").unlink()  # resuming with an empty buffer takes another path
+    without_buffer, _ = run(resume_from=str(checkpoint))
+    assert any(not torch.equal(without_buffer[name], uninterrupted[name]) for name in uninterrupted)
+
+
+def test_replay_buffer_state_round_trips_and_a_new_length_replaces_old_records():
+    from modeling_ebt.modeling_ebt import ReplayBuffer
+
+    buffer = ReplayBuffer(size=3)
+    ids = torch.arange(8).view(4, 2)
+    buffer.add(ids, ids + 1, torch.randn(4, 2, 5))
+    assert [r[0].tolist() for r in buffer.records] == [[2, 3], [4, 5], [6, 7]]  # the newest 3 rows
+    copy = ReplayBuffer(size=3)
+    copy.load_state_dict(buffer.state_dict())
+    for kept, restored in zip(buffer.records, copy.records):
+        assert all(torch.equal(a, b) for a, b in zip(kept, restored))
+    buffer.add(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long), torch.randn(1, 5, 5))
+    assert len(buffer.records) == 1 and buffer.sample(2, "cpu")[0].shape == (1, 5)
+    assert ReplayBuffer(size=3).state_dict() == {}
 
 
 def test_stock_trainer_trains_and_evaluates_an_ebt(tmp_path):
