@@ -45,7 +45,12 @@ def write_corpus(path: Path) -> Path:
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="the accelerate launcher is not on PATH")
-def test_two_processes_with_half_batches_reach_the_weights_of_one_process_on_the_full_batch(tmp_path):
+@pytest.mark.parametrize("two_process_flags", [[], ["--training-arg", "activation_checkpointing=true"]],
+                         ids=["plain", "activation-checkpointing"])
+def test_two_processes_with_half_batches_reach_the_weights_of_one_process_on_the_full_batch(tmp_path,
+                                                                                           two_process_flags):
+    # with activation checkpointing, the two processes also rebuild every descent step in the backward (DDP without
+    # find_unused_parameters, as the Trainer sets it then): the same weights as one plain process
     corpus = write_corpus(tmp_path / "corpus.txt")
     cache = tmp_path / "cache"
     common = ["train", "--corpus", str(corpus), "--cache-dir", str(cache), *TRAIN_FLAGS]
@@ -56,7 +61,7 @@ def test_two_processes_with_half_batches_reach_the_weights_of_one_process_on_the
            "OMP_NUM_THREADS": "1"}
     command = ["accelerate", "launch", "--config_file", str(ACCELERATE_CONFIG),
                "--main_process_port", str(_free_port()), "-m", "modeling_ebt.cli",
-               *common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2"]
+               *common, *two_process_flags, "--output-dir", str(tmp_path / "two"), "--batch-size", "2"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
 
