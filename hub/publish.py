@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import tempfile
@@ -37,7 +38,10 @@ EVAL_FILE = "eval_results.json"  # written by `ebt eval` (modeling_ebt.cli), wit
 EVAL_PLOT = "eval_plot.png"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-STALE_WEIGHTS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]  # replaced by each push
+# the weights of an earlier push, replaced by each push: top-level names only (in these patterns `*` would also
+# match "/", reaching the owner's files in subfolders such as onnx/model.safetensors)
+STALE_WEIGHTS = ["model.safetensors", "model-?????-of-?????.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model-?????-of-?????.bin", "pytorch_model.bin.index.json"]
 REFERENCE_SUFFIX = ".ckpt"
 BYTE_VOCAB_SIZE = 257
 DEFAULT_LICENSE = "apache-2.0"
@@ -177,7 +181,7 @@ def hub_dataset(corpus: Any) -> str | None:
 
 def descent_steps(config) -> int:
     """Steps the trained model takes per token at evaluation (the last landscape repeats with random step counts)."""
-    return config.mcmc_num_steps + config.randomize_mcmc_num_steps
+    return config.evaluation_steps
 
 
 def thinking_defaults(config) -> dict[str, Any]:
@@ -414,6 +418,16 @@ def model_card(model, repo_id: str, revision: str | None, license: str, summary,
         files=[(file, FILE_ROLES.get(file, "")) for file in files])
 
 
+def without_local_paths(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with this machine's paths cut to their last component (the corpus file's name, not the folders
+    and the user name above it), as the model card shows them."""
+    def public(key, value):
+        if isinstance(value, str) and (os.path.isabs(value) or key == "model_dir"):
+            return Path(value).name
+        return value
+    return {key: public(key, value) for key, value in record.items()}
+
+
 def stage(model_dir: Path, out: Path, repo_id: str, *, revision: str | None = None, license: str = DEFAULT_LICENSE,
           reference: Reference | None = None) -> Staged:
     """Writes into `out` everything `push` uploads; `model_dir` is only read."""
@@ -422,9 +436,11 @@ def stage(model_dir: Path, out: Path, repo_id: str, *, revision: str | None = No
     out.mkdir(parents=True, exist_ok=True)
     stage_model(model, out)
     tokenizer = stage_tokenizer(model_dir, model.config, out)
-    for name in (SUMMARY_FILE, EVAL_FILE, EVAL_PLOT):
-        if (model_dir / name).is_file():
-            (out / name).write_bytes((model_dir / name).read_bytes())
+    for name, record in ((SUMMARY_FILE, summary), (EVAL_FILE, results)):
+        if record is not None:
+            (out / name).write_text(json.dumps(without_local_paths(record), indent=2) + "\n")
+    if (model_dir / EVAL_PLOT).is_file():
+        (out / EVAL_PLOT).write_bytes((model_dir / EVAL_PLOT).read_bytes())
     files = sorted({p.name for p in out.iterdir() if p.is_file()} | {"README.md"})
     model_card(model, repo_id, revision, license, summary, results, reference, tokenizer, files).save(out / "README.md")
 
@@ -489,11 +505,11 @@ def push(source: str | Path, repo_id: str, *, private: bool = False, revision: s
         raise PushError("--revision is empty: give a branch name, or leave it out to push to main")
     if not source.exists():
         raise PushError(f"{source} does not exist: expected a model folder or a reference checkpoint")
-    if source.is_file() and source.suffix == ".safetensors":
+    if source.is_file() and source.suffix.lower() == ".safetensors":
         raise PushError(f"{source} is a state dict, which does not say the number of attention heads or the context "
                         f"length: convert it with `python -m modeling_ebt.convert_reference_checkpoint {source} "
                         f"OUT_DIR --num-attention-heads N --context-length L`, then run `ebt push OUT_DIR {repo_id}`")
-    if source.is_file() and source.suffix != REFERENCE_SUFFIX:
+    if source.is_file() and source.suffix.lower() != REFERENCE_SUFFIX:
         raise PushError(f"{source} is a file but not a reference checkpoint ({REFERENCE_SUFFIX}): pass the model "
                         f"folder")
     if source.is_dir():

@@ -196,7 +196,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--corpus", help="as for `ebt train` (default: the corpus the model was trained on)")
-    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-column", help="default: the training run's, else text")
     parser.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="descent step counts to compare "
                         "(default: 1,2,4,8)")
     parser.add_argument("--candidates", type=_int_list, default=[1, 2, 4], help="numbers of candidates to compare, "
@@ -204,7 +204,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, help="default: the training block size")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-samples", type=int, default=64, help="validation sequences (default: 64)")
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--validation-fraction", type=float, help="default: the training run's (so that no "
+                        "training text is scored), else 0.1")
     parser.add_argument("--cache-dir")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial conditions, the same for every "
                         "setting")
@@ -235,19 +236,29 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from .data import build_lm_datasets
 
+    if args.eval_samples < 1 or args.batch_size < 1:
+        raise ValueError(f"--eval-samples and --batch-size must be >= 1, got {args.eval_samples} and "
+                         f"{args.batch_size}")
     model, tokenizer = _load_model_and_tokenizer(args.model_dir)
-    summary_path = Path(args.model_dir) / "training_summary.json"
-    trained = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    trained, options = {}, {}  # what `ebt train` recorded next to the model
+    for name, record in (("training_summary.json", trained), ("ebt_train_options.json", options)):
+        if (Path(args.model_dir) / name).is_file():
+            record.update(json.loads((Path(args.model_dir) / name).read_text()))
     block_size = args.block_size or trained.get("block_size") or min(256, model.config.max_position_embeddings)
     corpus = args.corpus
     if corpus is None and isinstance(trained.get("corpus"), str) and not trained["corpus"].startswith("default:"):
         corpus = trained["corpus"]
-    data = build_lm_datasets(tokenizer, corpus, block_size=block_size, validation_fraction=args.validation_fraction,
-                             cache_dir=args.cache_dir, text_column=args.text_column, config=model.config)
+    same_corpus = args.corpus is None  # the run's split and text column apply to the run's corpus
+    fraction = args.validation_fraction or (same_corpus and options.get("validation_fraction")) or 0.1
+    text_column = args.text_column or (same_corpus and options.get("text_column")) or "text"
+    data = build_lm_datasets(tokenizer, corpus, block_size=block_size, validation_fraction=fraction,
+                             cache_dir=args.cache_dir, text_column=text_column, config=model.config)
     validation = data["validation"].select(range(min(args.eval_samples, len(data["validation"]))))
+    if len(validation) == 0:
+        raise ValueError(f"the validation split holds no block of {block_size} tokens: use a larger corpus, a larger "
+                         f"--validation-fraction or a smaller --block-size")
     batches = [validation[i:i + args.batch_size] for i in range(0, len(validation), args.batch_size)]
-    trained_steps = model.config.mcmc_num_steps + model.config.randomize_mcmc_num_steps * (
-        model.config.ebt_type == "default")
+    trained_steps = model.config.evaluation_steps
     if model.config.denoising_initial_condition == "zeros" and model.config.langevin_dynamics_noise == 0:
         print("[ebt eval] note: the model starts every descent from zeros without noise, so all candidates are the "
               "same", file=sys.stderr)
@@ -260,6 +271,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         tqdm.write(f"{kind}={value}: validation loss {loss:.4f} (perplexity {math.exp(min(loss, 700.0)):.2f})")
     report = {
         "model_dir": str(args.model_dir), "corpus": corpus or "default", "block_size": block_size,
+        "validation_fraction": fraction,
         "num_sequences": len(validation), "num_tokens": len(validation) * (block_size - 1),
         "trained_steps": trained_steps, "seed": args.seed,
         "loss": "cross-entropy (nats/token) of the last descent step's prediction",

@@ -98,6 +98,12 @@ class EBTConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def evaluation_steps(self) -> int:
+        """Descent steps per token in evaluation and generation: the training steps, with the last landscape
+        descended `randomize_mcmc_num_steps` more times (the most that System 2 training draws)."""
+        return self.mcmc_num_steps + self.randomize_mcmc_num_steps
+
+    @property
     def num_landscapes(self) -> int:
         """Energy landscapes: one per training step for `time_embed`, a single one for `default`."""
         return self.mcmc_num_steps if self.ebt_type == "time_embed" else 1

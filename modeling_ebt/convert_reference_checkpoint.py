@@ -59,7 +59,12 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"no reference checkpoint at {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path)), {}
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # the unpickler's errors vary with the damage; torch's message advises unsafe loading
+        raise ValueError(f"{path} cannot be loaded safely (weights_only=True): it is not a checkpoint, or it holds "
+                         "objects other than tensors and plain containers. Convert only checkpoints you trust: save "
+                         "their 'state_dict' with safetensors and pass that file with the sizes") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint: expected a dict with a 'state_dict' entry")
     state = {re.sub(r"^model\.", "", k): v for k, v in checkpoint["state_dict"].items()}

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -162,6 +163,9 @@ def load_recipe(recipe: str | os.PathLike | dict | None) -> dict[str, Any]:
         raise ValueError(f"{where} must be a JSON object with keys among {sorted(_RECIPE_KEYS)}")
     loaded.setdefault("model", {})
     loaded.setdefault("training", {})
+    for part in ("model", "training"):
+        if not isinstance(loaded[part], dict):
+            raise ValueError(f"{where}: {part!r} must be a JSON object of field names and values")
     unknown = set(loaded["model"]) - _config_fields()
     if unknown:
         raise ValueError(f"{where}: {sorted(unknown)} are not EBTConfig fields")
@@ -182,7 +186,12 @@ def load_size(size: str | os.PathLike | None) -> dict[str, Any]:
     path = Path(size).expanduser()
     if not path.is_file():
         raise ValueError(f"unknown model size {str(size)!r}: expected one of {list(MODEL_SIZES)} or a JSON file")
-    fields = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"size file {path} is not valid JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"size file {path} must be a JSON object of EBTConfig fields")
     unknown = set(fields) - _config_fields()
     if unknown:
         raise ValueError(f"size file {path}: {sorted(unknown)} are not EBTConfig fields")
@@ -253,7 +262,7 @@ class DescentStats:
     def reset(self):
         self.step_sums: dict[int, torch.Tensor] = {}
         self.step_weights: dict[int, float] = {}
-        self.gap_sum, self.alpha_sum, self.weight = None, 0.0, 0.0
+        self.gap_sum, self.alpha_sum, self.last_sum, self.weight = None, 0.0, 0.0, 0.0
 
     def add(self, output, alpha: float, weight: float = 1.0):
         step_losses = output.step_losses.detach().float() * weight
@@ -264,11 +273,12 @@ class DescentStats:
         gap = (energies[0].mean() - energies[-1].mean()) * weight
         self.gap_sum = gap if self.gap_sum is None else self.gap_sum + gap
         self.alpha_sum += alpha * weight
+        self.last_sum += float(step_losses[-1])  # each batch's own last step (the count can vary per batch)
         self.weight += weight
 
     def as_tensor(self, num_steps: int, device) -> torch.Tensor:
-        """[weight, gap, α, (loss sum, weight) per step] for reducing across processes."""
-        values = [self.weight, self.gap_sum if self.gap_sum is not None else 0.0, self.alpha_sum]
+        """[weight, gap, α, last-step loss, (loss sum, weight) per step] for reducing across processes."""
+        values = [self.weight, self.gap_sum if self.gap_sum is not None else 0.0, self.alpha_sum, self.last_sum]
         for k in range(num_steps):
             values += [self.step_sums.get(k, 0.0), self.step_weights.get(k, 0.0)]
         return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
@@ -276,17 +286,14 @@ class DescentStats:
     @staticmethod
     def summarize(values: torch.Tensor, prefix: str = "") -> dict[str, float]:
         values = values.tolist()
-        weight, gap, alpha, per_step = values[0], values[1], values[2], values[3:]
+        weight, gap, alpha, last, per_step = *values[:4], values[4:]
         if weight <= 0:
             return {}
-        logs = {f"{prefix}energy_gap": gap / weight, f"{prefix}alpha": alpha / weight}
-        last = None
+        logs = {f"{prefix}energy_gap": gap / weight, f"{prefix}alpha": alpha / weight,
+                f"{prefix}last_step_loss": last / weight}
         for k in range(0, len(per_step), 2):
             if per_step[k + 1] > 0:
-                last = per_step[k] / per_step[k + 1]
-                logs[f"{prefix}loss_step_{k // 2 + 1}"] = last
-        if last is not None:
-            logs[f"{prefix}last_step_loss"] = last
+                logs[f"{prefix}loss_step_{k // 2 + 1}"] = per_step[k] / per_step[k + 1]
         return logs
 
     @property
@@ -438,6 +445,9 @@ def measure_step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], learn
 
 OPTIONS_FILENAME = "ebt_train_options.json"
 SUMMARY_FILENAME = "training_summary.json"
+STALE_ON_OVERWRITE = ("eval_results.json", "eval_plot.png")  # written by `ebt eval` next to the model
+SECRET_KEY = re.compile(r"token|secret|password", re.IGNORECASE)  # training arguments never written to disk
+REDACTED = "<redacted>"  # in their place (a resumed run leaves them out: give the token by the usual means)
 _MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", SUMMARY_FILENAME, OPTIONS_FILENAME)
 
 
@@ -571,6 +581,7 @@ def _resolve_options(options: TrainOptions) -> TrainOptions:
         return options
     saved = json.loads((Path(options.output_dir) / OPTIONS_FILENAME).read_text(encoding="utf-8"))
     saved.update(output_dir=options.output_dir, resume=True, overwrite=False, progress=options.progress)
+    saved["training_args"] = {k: v for k, v in saved.get("training_args", {}).items() if v != REDACTED}
     known = {field.name for field in dataclasses.fields(TrainOptions)}
     return TrainOptions(**{k: v for k, v in saved.items() if k in known})
 
@@ -664,8 +675,13 @@ def _prepare_output_dir(options: TrainOptions) -> None:
     if options.overwrite:
         for stale in folder.glob("checkpoint-*"):
             shutil.rmtree(stale)
+        for stale in STALE_ON_OVERWRITE:  # the evaluation of the old model must not describe the new one
+            (folder / stale).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / OPTIONS_FILENAME).write_text(json.dumps(dataclasses.asdict(options), indent=2) + "\n")
+    saved = dataclasses.asdict(options)
+    saved["training_args"] = {key: REDACTED if SECRET_KEY.search(key) else value
+                              for key, value in saved["training_args"].items()}
+    (folder / OPTIONS_FILENAME).write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def _load_tokenizer(name: str | None):

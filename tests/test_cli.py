@@ -81,6 +81,35 @@ def test_train_then_generate_then_eval(tmp_path, corpus, capsys):
     assert (out / "eval_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_follows_the_run_and_overwrite_drops_the_old_evaluation(tmp_path, corpus, capsys):
+    out = tmp_path / "model"
+    train = ["train", "--output-dir", str(out), "--corpus", str(corpus), "--cache-dir", str(tmp_path / "c"),
+             "--max-steps", "2", "--eval-samples", "0", "--validation-fraction", "0.3",
+             "--model-arg", "randomize_mcmc_num_steps=1", "--training-arg", "hub_token=hf_NotARealSecret", *TINY]
+    assert main(train) == 0
+    assert "hf_NotARealSecret" not in (out / "ebt_train_options.json").read_text()
+    assert json.loads((out / "ebt_train_options.json").read_text())["training_args"]["hub_token"] == "<redacted>"
+
+    assert main(["eval", str(out), "--eval-samples", "0"]) == 1
+    assert "--eval-samples and --batch-size must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["eval", str(out), "--steps", "1,3", "--candidates", "1", "--eval-samples", "4",
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    report = json.loads((out / "eval_results.json").read_text())
+    assert report["validation_fraction"] == 0.3  # the run's split: no training text is scored
+    # time_embed with 2 landscapes descends the last one once more in evaluation: 3 steps, as the candidates row
+    assert report["trained_steps"] == 3 == out_steps(out)
+    assert report["by_candidates"]["1"]["loss"] == report["by_steps"]["3"]["loss"]
+
+    assert main([*train, "--overwrite"]) == 0  # a new model: the old evaluation must not describe it
+    assert not (out / "eval_results.json").exists() and not (out / "eval_plot.png").exists()
+
+
+def out_steps(model_dir: Path) -> int:
+    """The descent steps the saved model takes in evaluation, counted on a forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return len(model(torch.zeros(1, 4, dtype=torch.long)).energies)
+
+
 def test_generate_reports_a_missing_model_clearly(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 1
     assert "holds no model (no config.json)" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from transformers.dynamic_module_utils import get_imports, get_relative_imports
 from modeling_ebt import EBTForCausalLM, EBTTokenizer
 from modeling_ebt.cli import main
 from modeling_ebt.hub import PushError, push
-from modeling_ebt.hub.publish import TEMPLATE
+from modeling_ebt.hub.publish import TEMPLATE, without_local_paths
 
 from .conftest import REFERENCE_FIXTURES, require_shared, tiny_model
 
@@ -241,8 +241,9 @@ def test_revision_and_private_pass_through(trained_dir, fake_hub, tmp_path, caps
 
 def test_pushing_again_updates_the_repo_without_duplicating_files(trained_dir, run_dir, fake_hub, tmp_path):
     api = HfApi(endpoint=fake_hub.endpoint, token=TOKEN)
-    api.create_repo(REPO)  # as left by an earlier sharded upload, plus a file of the owner's
-    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "NOTES.txt"):
+    api.create_repo(REPO)  # as left by an earlier sharded upload, plus files of the owner's (one in a subfolder)
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "NOTES.txt",
+                 "onnx/model.safetensors"):
         api.upload_file(path_or_fileobj=b"{}", path_in_repo=name, repo_id=REPO)
     with fake_hub.patch_client(cache_dir=tmp_path / "cache", token=TOKEN):
         push(trained_dir, REPO, say=lambda _: None)
@@ -251,11 +252,16 @@ def test_pushing_again_updates_the_repo_without_duplicating_files(trained_dir, r
         assert fake_hub.files(REPO) == first
         push(run_dir, REPO, say=lambda _: None)  # the same weights with the run's records: the card changes
     assert not any(name.startswith("model-") or name.endswith(".index.json") for name in first)
-    assert "NOTES.txt" in first and "model.safetensors" in first
+    assert "NOTES.txt" in first and "model.safetensors" in first and "onnx/model.safetensors" in first
     last = fake_hub.files(REPO)
     assert set(last) == set(first) | {"training_summary.json", "eval_results.json", "eval_plot.png"}
     assert last["model.safetensors"] == first["model.safetensors"] and last["README.md"] != first["README.md"]
-    assert len(fake_hub.repos[REPO].commits) == 1 + 3 + 2  # creation, the three files above, two pushes that changed
+    # the records go up without this machine's folders: a local corpus by its file name, as on the card
+    assert json.loads(last["eval_results.json"])["model_dir"] == "run"
+    assert str(tmp_path) not in last["training_summary.json"].decode() + last["eval_results.json"].decode()
+    local = {"corpus": str(tmp_path / "data" / "hamlet.txt"), "tokenizer": "gpt2", "steps": 3, "model_dir": "a/b"}
+    assert without_local_paths(local) == {"corpus": "hamlet.txt", "tokenizer": "gpt2", "steps": 3, "model_dir": "b"}
+    assert len(fake_hub.repos[REPO].commits) == 1 + 4 + 2  # creation, the four files above, two pushes that changed
 
 
 @pytest.mark.parametrize("case, message", [
@@ -328,7 +334,8 @@ def test_model_card_holds_the_run_and_parses_back(run_dir, fake_hub, tmp_path):
         push(run_dir, REPO, say=lambda _: None)
     files = fake_hub.files(REPO)
     assert files["eval_plot.png"] == (run_dir / "eval_plot.png").read_bytes()
-    assert json.loads(files["eval_results.json"]) == json.loads((run_dir / "eval_results.json").read_text())
+    local = json.loads((run_dir / "eval_results.json").read_text())
+    assert json.loads(files["eval_results.json"]) == {**local, "model_dir": "run"}  # no local folders
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert card.data.tags == ["ebt", "energy-based-model"] and card.data.license == "apache-2.0"
@@ -353,3 +360,20 @@ def test_push_of_a_reference_checkpoint_converts_it_and_adds_the_byte_tokenizer(
     assert "Converted from a checkpoint of the reference implementation" in card.text
     assert "| peak_learning_rate | `0.0012` |" in card.text
     assert "No evaluation results were recorded" in card.text
+
+
+@pytest.mark.parametrize("content", ["not a checkpoint", "namespace"])
+def test_push_of_an_unsafe_or_corrupt_checkpoint_fails_clearly(content, fake_hub, tmp_path, capsys):
+    import argparse
+
+    checkpoint = tmp_path / "bad.ckpt"
+    if content == "namespace":  # hyper-parameters pickled as an object: weights_only loading refuses it
+        torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=1.0)}, checkpoint)
+    else:
+        checkpoint.write_bytes(b"this is not a pickle")
+    with fake_hub.patch_client(cache_dir=tmp_path / "cache", token=TOKEN):
+        assert main(["push", str(checkpoint), REPO]) == 1
+    err = capsys.readouterr().err
+    assert "cannot be loaded safely (weights_only=True)" in err and "Traceback" not in err
+    assert "weights_only=False" not in err  # torch's advice to load unsafely is not passed on
+    assert fake_hub.requests == []

@@ -98,6 +98,13 @@ def test_recipes_and_sizes_reject_unknown_names_and_fields(tmp_path):
     bad.write_text(json.dumps({"model": {}, "training": {"learning_rat": 1e-3}}))
     with pytest.raises(ValueError, match="learning_rat.*not TrainingArguments fields"):
         load_recipe(bad)
+    bad.write_text(json.dumps({"model": []}))
+    with pytest.raises(ValueError, match="'model' must be a JSON object"):
+        load_recipe(bad)
+    size = tmp_path / "size.json"
+    size.write_text("{hidden_size: 64}")
+    with pytest.raises(ValueError, match=f"size file {size} is not valid JSON"):
+        load_model_config(size)
 
 
 # --- optimizer groups -------------------------------------------------------------------------------------------
@@ -244,6 +251,19 @@ def test_replay_buffer_state_round_trips_and_a_new_length_replaces_old_records()
     buffer.add(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long), torch.randn(1, 5, 5))
     assert len(buffer.records) == 1 and buffer.sample(2, "cpu")[0].shape == (1, 5)
     assert ReplayBuffer(size=3).state_dict() == {}
+
+
+def test_descent_stats_report_each_batch_s_own_last_step_when_step_counts_vary():
+    from types import SimpleNamespace
+
+    from modeling_ebt.training import DescentStats
+
+    stats = DescentStats()
+    for losses in ([3.0, 1.0], [3.0, 4.0, 5.0]):  # System 2 training draws 2 or 3 steps per batch
+        stats.add(SimpleNamespace(step_losses=torch.tensor(losses), energies=torch.zeros(len(losses), 1, 2)), 1.0)
+    logs = DescentStats.summarize(stats.as_tensor(stats.num_steps, "cpu"))
+    assert logs["last_step_loss"] == 3.0  # (1 + 5) / 2, not the 3rd step of the one batch that had it
+    assert logs["loss_step_1"] == 3.0 and logs["loss_step_2"] == 2.5 and logs["loss_step_3"] == 5.0
 
 
 def test_stock_trainer_trains_and_evaluates_an_ebt(tmp_path):
