@@ -431,7 +431,8 @@ def measure_step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], learn
     probe = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(probe.parameters(), lr=learning_rate)
     timings = []
-    with torch.random.fork_rng(devices=[]):
+    device = next(probe.parameters()).device  # the probe's noise must not advance that device's generator either
+    with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
         for _ in range(repeats + 1):
             start = time.perf_counter()
             probe(**batch).loss.backward()
