@@ -682,6 +682,13 @@ def _prepare_output_dir(options: TrainOptions) -> None:
     saved = dataclasses.asdict(options)
     saved["training_args"] = {key: REDACTED if SECRET_KEY.search(key) else value
                               for key, value in saved["training_args"].items()}
+    # local files as absolute paths, so that --resume works from any directory (names of recipes, sizes, Hub
+    # datasets and tokenizers stay as given)
+    for key, names in (("corpus", ()), ("size", MODEL_SIZES), ("recipe", RECIPES), ("tokenizer", ()),
+                       ("cache_dir", ())):
+        value = saved[key]
+        if isinstance(value, str) and value not in names and Path(value).expanduser().exists():
+            saved[key] = str(Path(value).expanduser().resolve())
     (folder / OPTIONS_FILENAME).write_text(json.dumps(saved, indent=2) + "\n")
 
 

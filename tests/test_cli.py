@@ -154,6 +154,17 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_weights_of_an_uninterrup
     assert summary["steps"] == 8 and summary["tokens_seen"] == 8 * 4 * 32
 
 
+def test_the_options_file_records_local_paths_absolutely_for_resuming_from_anywhere(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "size.json").write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2,
+                                                    "num_attention_heads": 2, "intermediate_size": 32}))
+    assert main(["train", "--output-dir", "out", "--corpus", corpus.name, "--cache-dir", "c", "--size", "size.json",
+                 "--max-steps", "1", "--eval-samples", "0", *TINY]) == 0
+    options = json.loads((tmp_path / "out" / "ebt_train_options.json").read_text())
+    assert options["corpus"] == str(corpus) and options["cache_dir"] == str(tmp_path / "c")
+    assert options["size"] == str(tmp_path / "size.json") and options["recipe"] == "cpu-small"  # a name stays
+
+
 def test_train_with_a_time_budget_plans_its_steps_and_stops_in_time(tmp_path, corpus):
     out = tmp_path / "timed"
     assert main(["train", "--output-dir", str(out), "--corpus", str(corpus), "--cache-dir", str(tmp_path / "c"),
