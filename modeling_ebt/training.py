@@ -301,6 +301,14 @@ class DescentStats:
         return max(self.step_sums) + 1 if self.step_sums else 0
 
 
+def _builds_its_own_groups(optimizer_cls, optimizer_kwargs: dict) -> bool:
+    """Optimizers that `Trainer` builds from the model (Muon/Dion factories) or with their own `params`/`model`
+    (GaLore, LOMO) instead of from the parameter groups it is given."""
+    from transformers.trainer_optimizer import is_optimizer_factory
+
+    return is_optimizer_factory(optimizer_cls) or "params" in optimizer_kwargs or "model" in optimizer_kwargs
+
+
 class EBTTrainer(Trainer):
     """`Trainer` with the paper's optimizer groups and logs of the descent.
 
@@ -319,9 +327,14 @@ class EBTTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            groups = ebt_optimizer_groups(self.model if model is None else model, self.args.weight_decay,
-                                          self.args.learning_rate)
+            model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = (self.optimizer_cls_and_kwargs
+                                               or self.get_optimizer_cls_and_kwargs(self.args, model))
+            if _builds_its_own_groups(optimizer_cls, optimizer_kwargs):
+                raise ValueError(f"optim={self.args.optim!r} builds its own parameter groups, which would lose α's "
+                                 "(learning rate × mcmc_step_size_lr_multiplier, no weight decay): choose an "
+                                 "optimizer that takes parameter groups (e.g. adamw_torch, sgd)")
+            groups = ebt_optimizer_groups(model, self.args.weight_decay, self.args.learning_rate)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 

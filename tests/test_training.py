@@ -147,6 +147,18 @@ def test_ebt_trainer_builds_its_optimizer_from_the_groups(tmp_path):
     assert isinstance(optimizer, torch.optim.AdamW)
 
 
+def test_ebt_trainer_takes_a_given_optimizer_class_and_refuses_one_that_makes_its_own_groups(tmp_path):
+    model = EBTForCausalLM(tiny_config(mcmc_step_size_lr_multiplier=300.0))
+    args = trainer_args(tmp_path, learning_rate=2e-3)
+    trainer = EBTTrainer(model=model, args=args, optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": 0.5}))
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.5
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["alpha"] == pytest.approx(0.6)
+    own_groups = (torch.optim.SGD, {"params": list(model.parameters())})  # as GaLore-style optimizers come
+    with pytest.raises(ValueError, match="builds its own parameter groups, which would lose α's"):
+        EBTTrainer(model=model, args=args, optimizer_cls_and_kwargs=own_groups).create_optimizer()
+
+
 # --- EBTTrainer: logs, evaluation, accumulation -----------------------------------------------------------------
 
 
