@@ -179,14 +179,9 @@ def hub_dataset(corpus: Any) -> str | None:
     return corpus if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", corpus) else None
 
 
-def descent_steps(config) -> int:
-    """Steps the trained model takes per token at evaluation (the last landscape repeats with random step counts)."""
-    return config.evaluation_steps
-
-
 def thinking_defaults(config) -> dict[str, Any]:
     """The `generate` knobs, set to what the model does when they are not given."""
-    return {"mcmc_num_steps": descent_steps(config), "mcmc_step_size": None,
+    return {"mcmc_num_steps": config.evaluation_steps, "mcmc_step_size": None,
             "langevin_dynamics_noise": config.langevin_dynamics_noise, "num_candidates": 1, "energy_tolerance": None,
             "recompute": False}
 
@@ -214,7 +209,7 @@ def architecture_rows(config, model) -> list[tuple[str, str]]:
             ("longest input", f"{number(config.max_position_embeddings)} tokens")]
     if config.sliding_window is not None:
         rows.append(("sliding window", f"{number(config.sliding_window)} tokens"))
-    rows += [("descent steps per token (trained)", str(descent_steps(config))),
+    rows += [("descent steps per token (trained)", str(config.evaluation_steps)),
              ("step size α (learned)", short(alpha) + (" (the descent uses 1e-4: α is clamped there)"
                                                        if alpha < 1e-4 else "")),
              ("initial condition", f"`{config.denoising_initial_condition}`"
@@ -411,7 +406,8 @@ def model_card(model, repo_id: str, revision: str | None, license: str, summary,
         has_tokenizer=tokenizer[0], tokenizer_note=tokenizer[1],
         code_files=", ".join(f"`{file}`" for file in files if file.endswith(".py")),
         example_prompt="To be, or not to be" if is_default_corpus(corpus) else "Once upon a time",
-        example_steps=descent_steps(config), thinking_defaults=thinking, architecture=architecture_rows(config, model),
+        example_steps=config.evaluation_steps, thinking_defaults=thinking,
+        architecture=architecture_rows(config, model),
         training_intro=training_intro, training=training,
         evaluation=evaluation_facts(results, EVAL_PLOT if EVAL_PLOT in files else None) if results else None,
         evaluation_intro=evaluation_intro(results) if results else "",

@@ -232,19 +232,23 @@ def validation_loss(model, batches, steps: int | None, candidates: int, seed: in
     return total / count
 
 
+def _recorded(model_dir: str, name: str) -> dict[str, Any]:
+    """What `ebt train` recorded next to the model in `name` (empty when it is not there)."""
+    path = Path(model_dir) / name
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .data import build_lm_datasets
+    from .training import OPTIONS_FILENAME, SUMMARY_FILENAME
 
     if args.eval_samples < 1 or args.batch_size < 1:
         raise ValueError(f"--eval-samples and --batch-size must be >= 1, got {args.eval_samples} and "
                          f"{args.batch_size}")
     model, tokenizer = _load_model_and_tokenizer(args.model_dir)
-    trained, options = {}, {}  # what `ebt train` recorded next to the model
-    for name, record in (("training_summary.json", trained), ("ebt_train_options.json", options)):
-        if (Path(args.model_dir) / name).is_file():
-            record.update(json.loads((Path(args.model_dir) / name).read_text()))
+    trained, options = (_recorded(args.model_dir, name) for name in (SUMMARY_FILENAME, OPTIONS_FILENAME))
     block_size = args.block_size or trained.get("block_size") or min(256, model.config.max_position_embeddings)
     corpus = args.corpus
     if corpus is None and isinstance(trained.get("corpus"), str) and not trained["corpus"].startswith("default:"):

@@ -154,11 +154,8 @@ def load_recipe(recipe: str | os.PathLike | dict | None) -> dict[str, Any]:
         path = Path(recipe).expanduser()
         if not path.is_file():
             raise ValueError(f"unknown recipe {str(recipe)!r}: expected one of {sorted(RECIPES)} or a JSON file")
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"recipe file {path} is not valid JSON: {error}") from None
         where = f"recipe file {path}"
+        loaded = _read_json_object(path, where)
     if not isinstance(loaded, dict) or set(loaded) - _RECIPE_KEYS:
         raise ValueError(f"{where} must be a JSON object with keys among {sorted(_RECIPE_KEYS)}")
     loaded.setdefault("model", {})
@@ -177,6 +174,16 @@ def load_recipe(recipe: str | os.PathLike | dict | None) -> dict[str, Any]:
     return loaded
 
 
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} is not valid JSON: {error}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return loaded
+
+
 def load_size(size: str | os.PathLike | None) -> dict[str, Any]:
     """The EBTConfig fields of a size: a name of `MODEL_SIZES` or a JSON file of EBTConfig fields."""
     if size is None:
@@ -186,12 +193,7 @@ def load_size(size: str | os.PathLike | None) -> dict[str, Any]:
     path = Path(size).expanduser()
     if not path.is_file():
         raise ValueError(f"unknown model size {str(size)!r}: expected one of {list(MODEL_SIZES)} or a JSON file")
-    try:
-        fields = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"size file {path} is not valid JSON: {error}") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"size file {path} must be a JSON object of EBTConfig fields")
+    fields = _read_json_object(path, f"size file {path}")
     unknown = set(fields) - _config_fields()
     if unknown:
         raise ValueError(f"size file {path}: {sorted(unknown)} are not EBTConfig fields")
@@ -273,7 +275,7 @@ class DescentStats:
         gap = (energies[0].mean() - energies[-1].mean()) * weight
         self.gap_sum = gap if self.gap_sum is None else self.gap_sum + gap
         self.alpha_sum += alpha * weight
-        self.last_sum += float(step_losses[-1])  # each batch's own last step (the count can vary per batch)
+        self.last_sum = self.last_sum + step_losses[-1]  # each batch's own last step (counts vary per batch)
         self.weight += weight
 
     def as_tensor(self, num_steps: int, device) -> torch.Tensor:
