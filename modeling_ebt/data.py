@@ -57,6 +57,8 @@ import numpy as np
 import pyarrow as pa
 from datasets.table import InMemoryTable
 
+from .constants import DEFAULT_CORPUS_ID
+
 __all__ = [
     "DEFAULT_CORPUS",
     "CorpusSpec",
@@ -491,7 +493,7 @@ def _corpus_fingerprint(corpus: list[str] | datasets.Dataset) -> str:
 
 def _describe_source(source: Any) -> str:
     if source is None:
-        return f"default:{DEFAULT_CORPUS.name}"
+        return DEFAULT_CORPUS_ID
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         return f"{type(source).__name__}"
     if isinstance(source, (list, tuple)):

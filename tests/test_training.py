@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,15 @@ def trainer_args(tmp_path, **overrides) -> TrainingArguments:
 # --- sizes and recipes ------------------------------------------------------------------------------------------
 
 
-def test_size_and_recipe_dicts_match_the_json_files_in_configuration():
+def test_sizes_and_recipes_are_the_json_files_of_configuration():
+    # written once, as data: the package reads the files of configuration/ (installed as modeling_ebt.configuration)
     for name, fields in MODEL_SIZES.items():
         assert json.loads((REPO / "configuration/sizes" / f"{name}.json").read_text()) == fields, name
     for name, recipe in RECIPES.items():
         assert json.loads((REPO / "configuration/recipes" / f"{name}.json").read_text()) == recipe, name
     assert sorted(p.stem for p in (REPO / "configuration/sizes").glob("*.json")) == sorted(MODEL_SIZES)
     assert sorted(p.stem for p in (REPO / "configuration/recipes").glob("*.json")) == sorted(RECIPES)
+    assert Path(str(files("modeling_ebt.configuration"))).resolve() == (REPO / "configuration").resolve()
 
 
 def test_reference_sizes_have_the_papers_shapes():
