@@ -82,12 +82,61 @@ def test_load_model_config_applies_recipe_then_size_then_overrides():
     assert config.mcmc_step_size_lr_multiplier == 1500.0
     s2 = load_model_config("4xs", "s2", mcmc_step_size=7.0)
     assert (s2.ebt_type, s2.mcmc_num_steps, s2.randomize_mcmc_num_steps, s2.randomize_mcmc_num_steps_min) == (
-        "default", 1, 2, 2)
+        "time_embed", 1, 2, 2)
     assert (s2.langevin_dynamics_noise, s2.mcmc_replay_buffer, s2.truncate_mcmc, s2.no_mcmc_detach) == (
         3.0, True, True, True)
     assert s2.mcmc_step_size == 7.0 and s2.hidden_size == 128
     assert load_model_config(None, "s1").hidden_size == 384  # the recipe's own size
     assert load_model_config(str(REPO / "configuration/sizes/3xs.json")).num_hidden_layers == 4
+
+
+# The reference's System 2 language job (job_scripts/nlp/pretrain/ebt_s2.sh of github alexiglad/EBT): each flag it
+# passes, and for the flags it leaves out the default of its train_model.py, as (reference flag, value, our field).
+REFERENCE_S2_MODEL = [
+    ("--ebt_type", "time_embed", "ebt_type"),
+    ("--mcmc_num_steps", 1, "mcmc_num_steps"),
+    ("--randomize_mcmc_num_steps", 2, "randomize_mcmc_num_steps"),
+    ("--randomize_mcmc_num_steps_min", 2, "randomize_mcmc_num_steps_min"),
+    ("--mcmc_step_size", 5.0, "mcmc_step_size"),
+    ("--mcmc_step_size_learnable (not passed)", False, "mcmc_step_size_learnable"),
+    ("--mcmc_step_size_lr_multiplier (default)", 5000.0, "mcmc_step_size_lr_multiplier"),
+    ("--randomize_mcmc_step_size_scale", 2.0, "randomize_mcmc_step_size_scale"),
+    ("--langevin_dynamics_noise", 3.0, "langevin_dynamics_noise"),
+    ("--mcmc_replay_buffer", True, "mcmc_replay_buffer"),
+    ("--mcmc_replay_buffer_size (default)", 192, "mcmc_replay_buffer_size"),
+    ("--mcmc_replay_buffer_sample_bs_percent (default)", 0.5, "mcmc_replay_buffer_sample_fraction"),
+    ("--truncate_mcmc", True, "truncate_mcmc"),
+    ("--no_mcmc_detach", True, "no_mcmc_detach"),
+    ("--contrastive_loss (not passed)", 0.0, "contrastive_loss_coeff"),
+    ("--denoising_initial_condition", "random_noise", "denoising_initial_condition"),
+    ("--gaussian_random_noise_scaling (default)", 1.0, "gaussian_random_noise_scaling"),
+    ("--normalize_initial_condition", True, "normalize_initial_condition"),
+    ("--vocab_to_embed_uses_prob_dist (not passed)", False, "vocab_to_embed_uses_prob_dist"),
+]
+REFERENCE_S2_TRAINING = [
+    ("--peak_learning_rate", 1.2e-3, "learning_rate"),
+    ("--batch_size_per_device", 32, "per_device_train_batch_size"),
+    ("--accumulate_grad_batches", 2, "gradient_accumulation_steps"),
+    ("--gradient_clip_val", 1.0, "max_grad_norm"),
+    ("--weight_decay", 0.01, "weight_decay"),
+    ("--beta1 (default)", 0.9, "adam_beta1"),
+    ("--beta2 (default)", 0.999, "adam_beta2"),
+    ("--warm_up_steps", 10000, "warmup_steps"),
+]
+
+
+def test_s2_recipe_is_the_references_system_2_job_field_by_field():
+    recipe = load_recipe("s2")
+    config = load_model_config(None, "s2")
+    for flag, value, field in REFERENCE_S2_MODEL:
+        assert getattr(config, field) == value, f"{field} should be {value!r} as the reference's {flag}"
+    for flag, value, field in REFERENCE_S2_TRAINING:
+        assert recipe["training"][field] == value, f"{field} should be {value!r} as the reference's {flag}"
+    # --min_lr_scale 10: cosine down to a tenth of the peak; --context_length 256 is ebt train's default block size
+    assert recipe["training"]["lr_scheduler_type"] == "cosine_with_min_lr"
+    assert recipe["training"]["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+    assert recipe["size"] == "xxs"  # the job's model size (RUN_NAME ebt-xxs-...)
+    assert set(recipe["model"]) == {field for _, _, field in REFERENCE_S2_MODEL}
 
 
 def test_recipes_and_sizes_reject_unknown_names_and_fields(tmp_path):
