@@ -236,6 +236,7 @@ class EBTTrainer(Trainer):
         # gradient accumulation steps itself and must not rescale by the number of processes.
         self.model_accepts_loss_kwargs = False
         self._train_stats, self._eval_stats = DescentStats(), DescentStats()
+        self.add_callback(DescentGuard())
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -295,6 +296,10 @@ class EBTTrainer(Trainer):
             totals = self.accelerator.reduce(totals, reduction="sum")
         metrics = DescentStats.summarize(totals, prefix=f"{prefix}_")
         if f"{prefix}_last_step_loss" in metrics:
+            # the figure users compare across models is the prediction's cross-entropy: the last step's (the
+            # training objective, a mean over the steps, stays in `{prefix}_objective`)
+            metrics[f"{prefix}_objective"] = output.metrics.get(f"{prefix}_loss")
+            metrics[f"{prefix}_loss"] = metrics[f"{prefix}_last_step_loss"]
             metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_last_step_loss"], 700.0))
         output.metrics.update(metrics)
         self._eval_stats.reset()
@@ -306,6 +311,50 @@ class EBTTrainer(Trainer):
             logs.update({k: round(v, 6) for k, v in DescentStats.summarize(totals).items()})
             self._train_stats.reset()
         super().log(logs, start_time)
+
+
+class DescentCollapseError(RuntimeError):
+    """Training stopped because the energy descent stopped doing anything (see `DescentGuard`)."""
+
+
+class DescentGuard(TrainerCallback):
+    """Stops a run whose descent has collapsed, with an error that says what to change, instead of letting it train
+    on at a uniform prediction:
+    - a learnable step size α driven down to the clamp `ALPHA_FLOOR` (the descent then no longer moves the logits);
+    - a loss pinned at ln(vocab_size) (the uniform guess) for `PINNED_STEPS` optimizer steps in a row."""
+
+    ALPHA_FLOOR = 1e-4  # EBTForCausalLM clamps α to at least this
+    PINNED_STEPS, PINNED_TOLERANCE = 100, 0.01
+
+    def __init__(self):
+        self.pinned_since = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        alpha = getattr(_unwrap(model), "alpha", None) if model is not None else None
+        if alpha is not None and alpha.requires_grad and float(alpha.detach()) <= self.ALPHA_FLOOR:
+            config = _unwrap(model).config
+            raise DescentCollapseError(
+                f"the step size alpha reached its floor {self.ALPHA_FLOOR:g} at step {state.global_step} (it "
+                f"started at mcmc_step_size={config.mcmc_step_size:g} and learns at {args.learning_rate:g} x "
+                f"mcmc_step_size_lr_multiplier={config.mcmc_step_size_lr_multiplier:g}): the descent no longer "
+                f"changes the prediction. Lower mcmc_step_size_lr_multiplier (or the learning rate), raise "
+                f"mcmc_step_size, or fix alpha with mcmc_step_size_learnable=false")
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        loss = (logs or {}).get("last_step_loss", (logs or {}).get("loss"))
+        if loss is None or model is None:
+            return
+        uniform = math.log(_unwrap(model).config.vocab_size)
+        if abs(loss - uniform) > self.PINNED_TOLERANCE:
+            self.pinned_since = None
+            return
+        self.pinned_since = state.global_step if self.pinned_since is None else self.pinned_since
+        if state.global_step - self.pinned_since >= self.PINNED_STEPS:
+            raise DescentCollapseError(
+                f"the training loss has stayed at ln(vocab_size) = {uniform:.3f} (a uniform guess) since step "
+                f"{self.pinned_since}: the model is not learning. Check mcmc_step_size and "
+                f"mcmc_step_size_lr_multiplier (a step size that collapses or explodes stops the descent) and the "
+                f"learning rate and warm-up")
 
 
 # --- time budget ------------------------------------------------------------------------------------------------
