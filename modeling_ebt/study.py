@@ -1,0 +1,251 @@
+"""`ebt study thinking`: does System 2 thinking pay, and more so out of distribution?
+
+Trains, on the same token blocks in the same order and for the same number of optimizer steps, a System 1 EBT
+(recipe `cpu-small`), a System 2 EBT (recipe `s2-cpu`) and a same-size `LlamaForCausalLM` (the paper's
+Transformer++ shape: RMSNorm, SwiGLU, RoPE, no biases), saves each under `DIR/<model>/`, then scores every model on
+the same validation blocks of the training corpus and of each out-of-distribution corpus (its last 10%):
+
+- the EBTs by descent steps (1, 2, 3, 4, 6, 8, 12, 16, one candidate, no noise), by candidates (1, 2, 4, 8 at the
+  trained steps, the lowest final energy per position wins), each with and without Langevin noise, and the best
+  steps × candidates combination;
+- the Llama once (it has no knob).
+
+Losses are cross-entropies in nats per token of the final prediction (an EBT's last descent step). The results go to
+`DIR/thinking_study.json`, a table on stdout and `DIR/thinking_study.png` (loss against forward passes per token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
+
+from .modeling_ebt import EBTForCausalLM, ThinkingConfig
+from .tokenization_ebt import EBTTokenizer
+from .training import EBTTrainer, load_model_config, load_recipe
+
+STUDY_FILENAME = "thinking_study.json"
+PLOT_FILENAME = "thinking_study.png"
+EBT_RECIPES = {"s1": "cpu-small", "s2": "s2-cpu"}
+
+
+@dataclass
+class StudyArguments:
+    """The flags of `ebt study thinking`."""
+
+    output_dir: str = field(metadata={"help": "where the models, thinking_study.json and the plot go"})
+    max_steps: int = field(default=500, metadata={"help": "optimizer steps per model (the same for all)"})
+    ood_corpus: list[str] = field(default_factory=list, metadata={
+        "help": "out-of-distribution text files or folders, scored on their last 10% (repeatable)"})
+    corpus: str | None = field(default=None, metadata={"help": "training corpus (default: the default corpus)"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, the block order and the descent's noise"})
+    size: str = field(default="4xs", metadata={"help": "model size of all three models"})
+    block_size: int = 128
+    batch_size: int = 16
+    eval_samples: int = field(default=64, metadata={"help": "validation blocks per corpus"})
+    llama_learning_rate: float = 3e-3
+    steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16])
+    candidates: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    langevin_noise: float = field(default=1.0, metadata={
+        "help": "the noise of the 'with Langevin' rows for a model trained without noise (else its trained noise)"})
+    cache_dir: str | None = None
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+def training_arguments(args: StudyArguments, out: Path, optimization: dict[str, Any]) -> TrainingArguments:
+    # the recipe's optimization, with the study's budget and batch (the same for every model)
+    return TrainingArguments(**{
+        **optimization, "output_dir": str(out), "max_steps": args.max_steps,
+        "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1, "seed": args.seed,
+        "data_seed": args.seed, "logging_steps": max(1, args.max_steps // 10), "save_strategy": "no",
+        "report_to": "none", "disable_tqdm": True, "use_cpu": not torch.cuda.is_available()})
+
+
+def llama_like(config) -> LlamaForCausalLM:
+    """A Llama with the EBT's vocabulary, layers, heads, widths and norm epsilon."""
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=False,
+        pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id))
+
+
+def train_models(args: StudyArguments, train_data, tokenizer) -> dict[str, Any]:
+    """The three models, trained on `train_data` in the same order, each saved under output_dir/<name>."""
+    ids = {name: getattr(tokenizer, name) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    models = {}
+    for name, recipe_name in EBT_RECIPES.items():
+        recipe = load_recipe(recipe_name)
+        config = load_model_config(args.size, recipe, max_position_embeddings=args.block_size, **ids)
+        set_seed(args.seed)
+        models[name] = EBTForCausalLM(config)
+        out = Path(args.output_dir) / name
+        EBTTrainer(model=models[name], args=training_arguments(args, out, recipe["training"]),
+                   train_dataset=train_data, data_collator=default_data_collator).train()
+    set_seed(args.seed)
+    models["llama"] = llama_like(models["s1"].config)
+    optimization = {**load_recipe(EBT_RECIPES["s1"])["training"], "learning_rate": args.llama_learning_rate}
+    Trainer(model=models["llama"], args=training_arguments(args, Path(args.output_dir) / "llama", optimization),
+            train_dataset=train_data, data_collator=default_data_collator).train()
+    for name, model in models.items():
+        model.eval().save_pretrained(Path(args.output_dir) / name)
+        tokenizer.save_pretrained(Path(args.output_dir) / name)
+    return models
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+
+def prediction_loss(model, batches, thinking: ThinkingConfig | None = None, seed: int = 0) -> float:
+    """Token-weighted cross-entropy (nats/token) of the model's final prediction over `batches`."""
+    torch.manual_seed(seed)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            if thinking is None:
+                loss = model(**batch).loss
+            else:
+                loss = model(**batch, thinking=thinking).step_losses[-1]
+            tokens = int(batch["attention_mask"][:, 1:].sum())
+            total, count = total + float(loss) * tokens, count + tokens
+    return total / count
+
+
+def thinking_settings(model, args: StudyArguments) -> list[tuple[int, int, bool]]:
+    """(steps, candidates, langevin) rows of one EBT: steps alone, candidates alone, each with and without noise."""
+    trained = model.config.evaluation_steps
+    rows = [(s, 1, noisy) for s in args.steps for noisy in (False, True)]
+    rows += [(trained, n, noisy) for n in args.candidates for noisy in (False, True) if (trained, n, noisy) not in rows]
+    return rows
+
+
+def noise_of(model, args: StudyArguments, langevin: bool) -> float:
+    trained = model.config.langevin_dynamics_noise
+    return (trained or args.langevin_noise) if langevin else 0.0
+
+
+def score_ebt(name, model, corpus, batches, args: StudyArguments) -> list[dict[str, Any]]:
+    rows = []
+    for steps, candidates, langevin in thinking_settings(model, args):
+        thinking = ThinkingConfig(steps=steps, num_candidates=candidates,
+                                  langevin_noise=noise_of(model, args, langevin))
+        rows.append({"model": name, "corpus": corpus, "steps": steps, "candidates": candidates, "langevin": langevin,
+                     "loss": prediction_loss(model, batches, thinking, args.seed)})
+    best = min(rows, key=lambda row: row["loss"])
+    for steps in {best["steps"], 2 * best["steps"]}:  # the best single knobs, combined
+        for candidates in {best["candidates"], max(args.candidates)} - {1}:
+            thinking = ThinkingConfig(steps=steps, num_candidates=candidates,
+                                      langevin_noise=noise_of(model, args, best["langevin"]))
+            rows.append({"model": name, "corpus": corpus, "steps": steps, "candidates": candidates,
+                         "langevin": best["langevin"], "loss": prediction_loss(model, batches, thinking, args.seed),
+                         "combined": True})
+    return rows
+
+
+def score(models, corpora: dict[str, list], args: StudyArguments) -> list[dict[str, Any]]:
+    results = []
+    for corpus, batches in corpora.items():
+        for name, model in models.items():
+            if name == "llama":
+                results.append({"model": name, "corpus": corpus, "steps": None, "candidates": None,
+                                "langevin": None, "loss": prediction_loss(model, batches)})
+            else:
+                results += score_ebt(name, model, corpus, batches, args)
+    return results
+
+
+# --- the study --------------------------------------------------------------------------------------------------
+
+
+def blocks(tokenizer, corpus, args: StudyArguments, config) -> tuple[Any, list]:
+    """The training blocks and the first `eval_samples` validation blocks (the last 10%) of a corpus, as batches."""
+    from .data import build_lm_datasets
+
+    data = build_lm_datasets(tokenizer, corpus, block_size=args.block_size, validation_fraction=0.1,
+                             cache_dir=args.cache_dir, config=config)
+    validation = data["validation"].select(range(min(args.eval_samples, len(data["validation"]))))
+    if len(validation) == 0:
+        raise ValueError(f"corpus {corpus or 'default'}: its last 10% holds no block of {args.block_size} tokens")
+    batches = [validation[i:i + args.batch_size] for i in range(0, len(validation), args.batch_size)]
+    return data["train"], [{k: torch.as_tensor(v) for k, v in b.items()} for b in batches]
+
+
+def run_thinking_study(args: StudyArguments) -> dict[str, Any]:
+    tokenizer = EBTTokenizer()
+    config = load_model_config(args.size, EBT_RECIPES["s1"], max_position_embeddings=args.block_size)
+    train_data, validation = blocks(tokenizer, args.corpus, args, config)
+    corpora = {"validation": validation}
+    for path in args.ood_corpus:
+        corpora[path] = blocks(tokenizer, path, args, config)[1]
+    models = train_models(args, train_data, tokenizer)
+    tokens = args.max_steps * args.batch_size * args.block_size
+    report = {
+        "results": score(models, corpora, args),
+        "trained_steps": {name: models[name].config.evaluation_steps for name in EBT_RECIPES},
+        "tokens": {name: tokens for name in models},
+        "loss": "cross-entropy of the final prediction, nats per token, on the same blocks for every model",
+        "settings": {"size": args.size, "block_size": args.block_size, "batch_size": args.batch_size,
+                     "max_steps": args.max_steps, "seed": args.seed, "eval_blocks": args.eval_samples,
+                     "recipes": EBT_RECIPES},
+    }
+    out = Path(args.output_dir)
+    (out / STUDY_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out / PLOT_FILENAME)
+    print(table(report))
+    return report
+
+
+def forward_passes(row) -> int:
+    """Candidate forward passes per token: one per descent step and candidate (the Llama: one)."""
+    return 1 if row["steps"] is None else row["steps"] * row["candidates"]
+
+
+def table(report) -> str:
+    lines = ["model  corpus                          steps cand langevin   loss  ppl gain vs trained"]
+    trained = report["trained_steps"]
+    for row in report["results"]:
+        base = next((r["loss"] for r in report["results"] if r["model"] == row["model"] and
+                     r["corpus"] == row["corpus"] and r["steps"] == trained.get(row["model"]) and
+                     r["candidates"] == 1 and not r["langevin"]), row["loss"])
+        gain = 100 * (1 - math.exp(min(row["loss"] - base, 700.0)))  # % perplexity saved against the trained
+        lines.append(f"{row['model']:6} {str(row['corpus'])[-31:]:31} {row['steps']!s:>5} {row['candidates']!s:>4} "
+                     f"{row['langevin']!s:>8} {row['loss']:6.4f} {math.exp(row['loss']):5.2f} {gain:+6.1f}%")
+    return "\n".join(lines)
+
+
+def plot(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for (model, corpus) in dict.fromkeys((r["model"], r["corpus"]) for r in report["results"]):
+        rows = [r for r in report["results"] if r["model"] == model and r["corpus"] == corpus]
+        label = f"{model}, {Path(str(corpus)).name}"
+        if model == "llama":
+            axis.axhline(rows[0]["loss"], linestyle="--", linewidth=1, label=label)
+            continue
+        best = {}
+        for row in rows:
+            passes = forward_passes(row)
+            best[passes] = min(best.get(passes, math.inf), row["loss"])
+        xs = sorted(best)
+        axis.plot(xs, [best[x] for x in xs], marker="o", markersize=3, label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("candidate forward passes per token (steps × candidates)")
+    axis.set_ylabel("loss (nats/token)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
