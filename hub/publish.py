@@ -1,8 +1,8 @@
 """Publishing an EBT on the Hugging Face Hub: `ebt push MODEL_DIR REPO_ID [--private] [--revision REV]`.
 
 `push` checks everything it can before the first request (the repo id, that MODEL_DIR holds an EBT whose weights
-match its config, that a token is configured), assembles the upload in a temporary folder (MODEL_DIR is only read)
-and sends it in one commit with `huggingface_hub.HfApi`:
+are whole safetensors files and match its config, that a token is configured), assembles the upload in a temporary
+folder (MODEL_DIR is only read) and sends it in one commit with `huggingface_hub.HfApi`:
 
 - the weights (safetensors), `config.json` with `auto_map` entries for AutoConfig, AutoModel and
   AutoModelForCausalLM, `generation_config.json` with the thinking defaults, and the modeling code
