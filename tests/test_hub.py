@@ -325,9 +325,10 @@ def test_push_uploads_the_staged_folder_in_one_commit(trained_dir, hub, tmp_path
 
 def test_revision_and_private_pass_through(trained_dir, hub, capsys):
     assert main(["push", str(trained_dir), REPO, "--private", "--revision", "v1"]) == 0
+    assert hub.names() == ["create_repo", "model_info", "create_branch", "upload_folder"]
     assert hub.calls[0][1]["private"] is True
-    assert ("create_branch", {"repo_id": REPO, "branch": "v1", "exist_ok": True}) in hub.calls
-    assert hub.calls[-1][0] == "upload_folder" and hub.calls[-1][1]["revision"] == "v1"  # main is not touched
+    assert hub.calls[2] == ("create_branch", {"repo_id": REPO, "branch": "v1", "exist_ok": True})
+    assert hub.calls[3][1]["revision"] == "v1"  # the one upload goes to the branch: main is not touched
     assert 'revision="v1"' in hub.uploads[-1]["README.md"].decode()
     hub.public_repos.add("alice/public-ebt")
     hub.calls.clear()
