@@ -1,8 +1,8 @@
 """Publishing an EBT on the Hugging Face Hub: `ebt push MODEL_DIR REPO_ID [--private] [--revision REV]`.
 
 `push` checks everything it can before the first request (the repo id, that MODEL_DIR holds an EBT whose weights
-match its config, that a token is configured), assembles the upload in a temporary folder (MODEL_DIR is only read)
-and sends it in one commit with `huggingface_hub.HfApi`:
+are whole safetensors files and match its config, that a token is configured), assembles the upload in a temporary
+folder (MODEL_DIR is only read) and sends it in one commit with `huggingface_hub.HfApi`:
 
 - the weights (safetensors), `config.json` with `auto_map` entries for AutoConfig, AutoModel and
   AutoModelForCausalLM, `generation_config.json` with the thinking defaults, and the modeling code
@@ -106,7 +106,22 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
         raise PushError(f"{model_dir} holds no weights (none of {', '.join(WEIGHT_FILES)}): was the training run "
                         f"finished? `ebt train` saves them at the end")
+    check_safetensors(model_dir)
     return config
+
+
+def check_safetensors(model_dir: Path) -> None:
+    """Each safetensors file of the folder opens (its header is whole and covers the file): else a clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise PushError(f"{path} is damaged ({error}): it is truncated, empty or not a safetensors file. Save "
+                            f"the model again (`ebt train` writes it at the end of a run, `save_pretrained` from "
+                            f"Python) or copy it again from where it came, then rerun `ebt push`") from None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -319,6 +334,7 @@ class Staged:
 def load_checked_model(model_dir: Path):
     from modeling_ebt import EBTForCausalLM
 
+    check_safetensors(model_dir)
     try:
         model, info = EBTForCausalLM.from_pretrained(model_dir, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as error:
