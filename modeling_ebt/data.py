@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import glob
 import importlib.resources
 import json
 import os
@@ -140,7 +141,7 @@ def _load_text_files(paths: Sequence[str | os.PathLike], cache_dir: str | os.Pat
     """One row per file, in the order given, its text whole (BOM dropped, newlines kept and made "\\n")."""
     if not paths:
         raise ValueError("the list of corpus files is empty")
-    files = [_check_text_file(path) for path in paths]
+    files = [glob.escape(_check_text_file(path)) for path in paths]  # data_files are patterns: `[`, `*` are literal
     return datasets.load_dataset(
         "text", data_files=files, sample_by="document", encoding="utf-8-sig", split="train", cache_dir=cache_dir
     )
@@ -377,7 +378,7 @@ def _split_by_characters(documents: datasets.Dataset, train_chars: int) -> dict[
     whole = int(np.searchsorted(ends, train_chars, side="right"))  # the documents that end inside "train"
     cut = train_chars - (int(ends[whole - 1]) if whole else 0)  # > 0: the boundary is inside document `whole`
     train, validation = documents.select(range(whole)), _rows_from(documents, whole + (cut > 0))
-    if cut > 0 and whole < len(documents):
+    if cut > 0:
         text = documents[whole][column]
         head = datasets.Dataset.from_dict({column: [text[:cut]]}, features=documents.features)
         tail = datasets.Dataset.from_dict({column: [text[cut:]]}, features=documents.features)
@@ -401,7 +402,7 @@ def _tokenize(texts: list[str], indices: list[int], tokenizer: Any) -> dict[str,
 def _num_tokens(tokens: datasets.Dataset) -> int:
     if not tokens.num_rows:
         return 0
-    return int(pc.sum(pc.list_value_length(tokens.data.column("input_ids"))).as_py() or 0)
+    return int(pc.sum(pc.list_value_length(tokens.data.column("input_ids"))).as_py())
 
 
 def _pack(batch: pa.Table, block_size: int) -> pa.Table:

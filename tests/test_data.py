@@ -517,6 +517,15 @@ def test_a_folder_of_text_files_is_one_document_per_file_with_its_newlines(tmp_p
     assert load_corpus(folder)["text"] == [*DOCS, "With a BOM.\nCRLF and\nCR newlines.\n"]  # as "\n", BOM dropped
 
 
+def test_file_names_with_glob_characters_are_read_literally(tmp_path):
+    """load_dataset's data_files are patterns: `b*.txt` must not also read `b-other.txt`, nor `a[1].txt` fail."""
+    names = ["a[1].txt", "b*.txt", "c?.txt"]
+    for name in [*names, "a1.txt", "b-other.txt", "cc.txt"]:
+        (tmp_path / name).write_text(f"text of {name}", encoding="utf-8")
+    assert load_corpus([tmp_path / name for name in names])["text"] == [f"text of {name}" for name in names]
+    assert load_corpus(str(tmp_path / "b*.txt"))["text"] == ["text of b*.txt"]
+
+
 def test_hub_names_are_passed_to_load_dataset(tmp_path, monkeypatch, fast_tokenizer):
     calls = []
 
