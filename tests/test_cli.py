@@ -1,4 +1,4 @@
-"""The `ebt` command: the subcommand registry, train → generate → eval on a tiny model, and exact resumption of a
+"""The `ebt` command: its subcommands, train → generate → eval on a tiny model, and exact resumption of a
 training run killed with SIGKILL after a checkpoint."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_ebt import EBTForCausalLM
-from modeling_ebt.cli import SUBCOMMANDS, build_parser, main, register_subcommand
+from modeling_ebt.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,15 +36,11 @@ def corpus(tmp_path) -> Path:
     return path
 
 
-def test_subcommands_come_from_a_registry_that_takes_new_ones(capsys):
-    assert {"train", "generate", "eval", "push"} <= set(SUBCOMMANDS)
-    register_subcommand("hello", "say hello", lambda parser: parser.add_argument("--name", default="EBT"),
-                        lambda args: print(f"hello {args.name}"))
-    try:
-        assert main(["hello", "--name", "world"]) == 0
-        assert capsys.readouterr().out == "hello world\n"
-    finally:
-        del SUBCOMMANDS["hello"]
+def test_the_four_subcommands_parse_and_an_unknown_one_is_a_usage_error():
+    parser = build_parser()
+    for argv in (["train", "--output-dir", "x"], ["generate", "m", "--prompt", "p"], ["eval", "m"], ["push", "m", "r"]):
+        args = parser.parse_args(argv)
+        assert args.command == argv[0] and args.run.__name__ == f"_run_{argv[0]}"
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["hello"])
     assert exit_info.value.code == 2
