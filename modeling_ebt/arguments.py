@@ -184,6 +184,16 @@ def add_train_parser(commands, **kwargs) -> HfArgumentParser:
     return parser
 
 
+def unknown_flags_message(flags: list[str]) -> str:
+    """What argparse could not place, with the replacement of removed TrainingArguments flags."""
+    for flag in flags:
+        name = flag.removeprefix("--").split("=", 1)[0].replace("-", "_")
+        if flag.startswith("--") and name in REMOVED_TRAINING_ARGS:
+            return (f"{flag.split('=', 1)[0]}: TrainingArguments.{name} was removed in transformers 5; use "
+                    f"{REMOVED_TRAINING_ARGS[name]}")
+    return f"unrecognized arguments: {' '.join(flags)}"
+
+
 @cache
 def _training_parser() -> HfArgumentParser:
     return HfArgumentParser(TrainingArguments, exit_on_error=False)

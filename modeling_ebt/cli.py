@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .arguments import add_train_parser
+from .arguments import add_train_parser, unknown_flags_message
 from .arguments import options_from_namespace as train_options
 from .constants import EVAL_FILENAME, EVAL_PLOT_FILENAME, OPTIONS_FILENAME, SUMMARY_FILENAME
 
@@ -279,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        print(f"ebt {args.command}: error: {unknown_flags_message(unknown)}", file=sys.stderr)
+        return 2
     try:
         status = args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
