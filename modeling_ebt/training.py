@@ -377,7 +377,8 @@ class TimeLimitCallback(TrainerCallback):
         if _any_process(elapsed >= self.seconds):
             self.stopped = True
             control.should_training_stop = True
-        elif self.planned_steps is not None and state.global_step - self.last[0] >= self.replan_every:
+        elif (self.planned_steps is not None and not control.should_training_stop  # (the end is reached)
+              and state.global_step - self.last[0] >= self.replan_every):
             pace = _from_main_process((elapsed - self.last[1]) / (state.global_step - self.last[0]))
             fits = state.global_step + int((self.seconds - elapsed) / max(pace, 1e-9))
             self._move_end(args, state, lr_scheduler, min(max(fits, state.global_step + 1), args.max_steps))

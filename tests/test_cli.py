@@ -328,3 +328,17 @@ def test_a_time_budget_on_a_machine_faster_than_the_probe_trains_for_the_whole_b
     assert trainer.state.global_step == trainer.state.max_steps == 60  # three times the first plan
     assert clock.now == 60
     assert trainer.lr_scheduler.get_last_lr()[0] == 0.0
+
+
+def test_resume_takes_the_checkpoints_horizon_and_reads_options_files_of_earlier_versions(tmp_path):
+    from modeling_ebt.training import _resolve_options
+
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text(json.dumps({"global_step": 4, "max_steps": 37}))
+    (tmp_path / "ebt_train_options.json").write_text(json.dumps({
+        "output_dir": "elsewhere", "max_minutes": 2.0, "planned_steps": 50, "learning_rate": 0.01, "seed": 3,
+        "eval_steps": None, "training_args": {"weight_decay": 0.2, "hub_token": "<redacted>"}}))
+    resumed = _resolve_options(TrainOptions(output_dir=str(tmp_path), resume=True), tmp_path / "checkpoint-4")
+    assert resumed.planned_steps == 37  # where the re-planned run was heading when it saved that checkpoint
+    assert resumed.training_args == {"weight_decay": 0.2, "learning_rate": 0.01, "seed": 3}
+    assert (resumed.output_dir, resumed.max_minutes, resumed.resume) == (str(tmp_path), 2.0, True)
