@@ -120,10 +120,11 @@ def check_training_names(values: dict[str, Any], where: str) -> None:
         if name in REMOVED_TRAINING_ARGS:
             raise ValueError(f"{where}: TrainingArguments.{name} was removed in transformers 5; use "
                              f"{REMOVED_TRAINING_ARGS[name]}")
-        if name not in training_fields():
-            close = difflib.get_close_matches(name, sorted(training_fields()), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"{where}: {name!r} is not a TrainingArguments field{hint}")
+    unknown = sorted(set(values) - training_fields())
+    if unknown:
+        close = [match for name in unknown for match in difflib.get_close_matches(name, training_fields(), n=2)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"{where}: {unknown} are not TrainingArguments fields{hint}")
 
 
 # --- the command line -------------------------------------------------------------------------------------------

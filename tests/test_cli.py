@@ -224,7 +224,7 @@ def test_a_typed_training_flag_reaches_the_trainer_and_the_options_file(tmp_path
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--training-arg", "foo=1"], "--training-arg: 'foo' is not a TrainingArguments field"),
+    (["--training-arg", "foo=1"], "--training-arg: ['foo'] are not TrainingArguments fields"),
     (["--training-arg", "learnin_rate=1"], "did you mean learning_rate"),
     (["--training-arg", "learning_rate=abc"], "learning_rate=abc: argument --learning_rate/--learning-rate: invalid "
                                               "float value: 'abc'"),
