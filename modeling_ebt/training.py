@@ -6,8 +6,9 @@
 - `ebt_optimizer_groups`: the paper's parameter groups (the step size α alone, with its own learning rate).
 - `EBTTrainer`: a small `Trainer` that uses those groups and logs what the descent does (loss per step, energy gap
   between the first and last step, α); evaluation adds the last step's loss and the perplexity.
-- `run_training` / `TrainOptions`: the job behind `ebt train` (validation before anything is written, a time budget,
-  exact resumption from the last complete checkpoint, `training_summary.json`). It runs unchanged under
+- `run_training` / `TrainOptions` (in `modeling_ebt.arguments`): the job behind `ebt train` (validation before anything
+  is written, a time budget re-planned as training goes, exact resumption from the last complete checkpoint,
+  `training_summary.json`). It runs unchanged under
   `accelerate launch` with several processes, on GPUs or (gloo) on CPUs.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,6 +40,7 @@ from transformers import (
 )
 
 from . import presets
+from .arguments import TrainOptions, check_training_names
 from .configuration_ebt import EBTConfig
 from .constants import DEFAULT_CORPUS_ID, DEFAULT_RECIPE, OPTIONS_FILENAME, SUMMARY_FILENAME
 from .modeling_ebt import EBTForCausalLM
@@ -53,10 +56,6 @@ _RECIPE_KEYS = {"description", "size", "model", "training"}
 
 def _config_fields() -> set[str]:
     return set(EBTConfig.__annotations__) | set(EBTConfig().to_dict())
-
-
-def _training_fields() -> set[str]:
-    return {field.name for field in dataclasses.fields(TrainingArguments)}
 
 
 def load_recipe(recipe: str | os.PathLike | dict | None) -> dict[str, Any]:
@@ -86,9 +85,7 @@ def load_recipe(recipe: str | os.PathLike | dict | None) -> dict[str, Any]:
     unknown = set(loaded["model"]) - _config_fields()
     if unknown:
         raise ValueError(f"{where}: {sorted(unknown)} are not EBTConfig fields")
-    unknown = set(loaded["training"]) - _training_fields()
-    if unknown:
-        raise ValueError(f"{where}: {sorted(unknown)} are not TrainingArguments fields")
+    check_training_names(loaded["training"], f"{where}, training")
     if "size" in loaded and loaded["size"] not in MODEL_SIZES:
         raise ValueError(f"{where}: unknown size {loaded['size']!r}; expected one of {list(MODEL_SIZES)}")
     return loaded
@@ -382,20 +379,65 @@ def _from_main_process(value: float) -> float:
     return value
 
 
+def set_schedule_horizon(scheduler, num_training_steps: int, num_warmup_steps: int) -> bool:
+    """Points a transformers learning-rate schedule (a `LambdaLR` over `functools.partial` lambdas that take
+    `num_training_steps`: linear, cosine, cosine_with_min_lr, polynomial, ...) at a new last step and warm-up
+    length. Returns False for other schedules (constant, custom), which are left as they are."""
+    lambdas = getattr(scheduler, "lr_lambdas", None) or []
+    moved = False
+    for index, schedule in enumerate(lambdas):
+        if isinstance(schedule, functools.partial) and "num_training_steps" in schedule.keywords:
+            keywords = {**schedule.keywords, "num_training_steps": num_training_steps}
+            if "num_warmup_steps" in keywords:
+                keywords["num_warmup_steps"] = num_warmup_steps
+            lambdas[index] = functools.partial(schedule.func, *schedule.args, **keywords)
+            moved = True
+    return moved
+
+
 class TimeLimitCallback(TrainerCallback):
-    """Stops training once `seconds` of training have passed (all processes stop at the same step)."""
+    """Stops training once `seconds` have passed (all processes at the same step).
 
-    def __init__(self, seconds: float):
-        self.seconds, self.start, self.stopped = seconds, None, False
+    Given `planned_steps` (a first estimate), it also re-plans as training goes: every `replan_every` steps it takes
+    the pace of the steps since the last re-plan and moves the run's end (`state.max_steps`) and the learning-rate
+    schedule's horizon (and a fractional warm-up) to the step count that fits in the time left, so that the schedule
+    ends with the budget when the machine gets slower or faster. The Trainer's `max_steps` is only the bound within
+    which the end can move (`max_steps_bound`). `clock` is for tests."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
+    GROWTH = 8  # the end may move up to this many times the first plan
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if _any_process(time.monotonic() - self.start >= self.seconds):
+    def __init__(self, seconds: float, planned_steps: int | None = None, replan_every: int | None = None,
+                 clock=time.monotonic):
+        self.seconds, self.planned_steps, self.clock = seconds, planned_steps, clock
+        self.replan_every = replan_every or max(1, (planned_steps or 0) // 20)
+        self.start, self.stopped, self.last = None, False, (0, 0.0)
+
+    @property
+    def max_steps_bound(self) -> int:
+        return self.GROWTH * self.planned_steps
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.start, self.last = self.clock(), (state.global_step, 0.0)
+        if self.planned_steps is not None:
+            self._move_end(args, state, lr_scheduler, self.planned_steps)
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+        elapsed = self.clock() - self.start
+        if _any_process(elapsed >= self.seconds):
             self.stopped = True
             control.should_training_stop = True
+        elif (self.planned_steps is not None and not control.should_training_stop  # (the end is reached)
+              and state.global_step - self.last[0] >= self.replan_every):
+            pace = _from_main_process((elapsed - self.last[1]) / (state.global_step - self.last[0]))
+            fits = state.global_step + int((self.seconds - elapsed) / max(pace, 1e-9))
+            self._move_end(args, state, lr_scheduler, min(max(fits, state.global_step + 1), args.max_steps))
+            self.last = (state.global_step, elapsed)
         return control
+
+    @staticmethod
+    def _move_end(args, state, lr_scheduler, steps: int):
+        state.max_steps = steps
+        set_schedule_horizon(lr_scheduler, steps, args.get_warmup_steps(steps))
 
 
 def measure_step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], learning_rate: float,
@@ -422,52 +464,6 @@ STALE_ON_OVERWRITE = ("eval_results.json", "eval_plot.png")  # written by `ebt e
 SECRET_KEY = re.compile(r"token|secret|password", re.IGNORECASE)  # training arguments never written to disk
 REDACTED = "<redacted>"  # in their place (a resumed run leaves them out: give the token by the usual means)
 _MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", SUMMARY_FILENAME, OPTIONS_FILENAME)
-
-
-@dataclasses.dataclass
-class TrainOptions:
-    """What `ebt train` needs; the CLI flags map one to one (see `ebt train --help`)."""
-
-    output_dir: str
-    corpus: str | None = None
-    text_column: str = "text"
-    size: str | None = None
-    recipe: str | None = DEFAULT_RECIPE
-    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
-    training_args: dict[str, Any] = dataclasses.field(default_factory=dict)
-    tokenizer: str | None = None
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    block_size: int = 256
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float | None = None
-    seed: int = 0
-    eval_samples: int = 64
-    eval_steps: int | None = None
-    save_steps: int = 500
-    logging_steps: int = 10
-    validation_fraction: float = 0.1
-    cache_dir: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    planned_steps: int | None = None  # filled in by the run: max_steps, or the estimate for max_minutes
-
-    def check(self):
-        if (self.max_steps is None) == (self.max_minutes is None):
-            raise ValueError("give exactly one of max_steps (--max-steps) and max_minutes (--max-minutes)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        for name in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_samples < 0:
-            raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -511,35 +507,32 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+# ebt train's own defaults for TrainingArguments fields: below the recipe's values and the flags given
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "seed": 0, "logging_steps": 10, "logging_first_step": True, "save_strategy": "steps", "save_steps": 500,
+    "save_total_limit": 2, "prediction_loss_only": True, "report_to": "none", "ddp_find_unused_parameters": False,
+    "dataloader_num_workers": 0,
+}
+
+
 def build_training_arguments(options: TrainOptions, recipe: dict[str, Any], max_steps: int) -> TrainingArguments:
-    fields = dict(recipe["training"])
-    if options.learning_rate is not None:
-        fields["learning_rate"] = options.learning_rate
-    eval_steps = options.eval_steps if options.eval_samples > 0 else None
+    """TrainingArguments from, in increasing precedence: `TRAINING_DEFAULTS`, the recipe's `training`, what the
+    options decide (output dir, steps, batch size, evaluation, progress bars, CPU), the flags given
+    (`options.training_args`)."""
+    fields = {**TRAINING_DEFAULTS, **recipe["training"]}
     fields.update(
         output_dir=options.output_dir,
         max_steps=max_steps,
         per_device_train_batch_size=options.batch_size,
         per_device_eval_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        seed=options.seed,
-        logging_steps=options.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=options.save_steps,
-        save_total_limit=2,
-        eval_strategy="steps" if eval_steps else "no",
-        eval_steps=eval_steps,
-        prediction_loss_only=True,
-        report_to="none",
         disable_tqdm=not options.progress,
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
         # Without an accelerator the processes that `accelerate launch` starts only form a (gloo) process group if
         # the script asks for the CPU; otherwise each would silently train alone.
         use_cpu=not _accelerator_available(),
     )
     fields.update(options.training_args)
+    if "eval_strategy" not in options.training_args:  # evaluation every eval_steps if given, else only at the end
+        fields["eval_strategy"] = "steps" if options.eval_samples > 0 and fields.get("eval_steps") else "no"
     return TrainingArguments(**fields)
 
 
@@ -548,15 +541,33 @@ def _say(message: str, main_process: bool = True):
         print(f"[ebt train] {message}", file=sys.stderr, flush=True)
 
 
-def _resolve_options(options: TrainOptions) -> TrainOptions:
-    """On --resume, the saved options of the run (with the step count it planned) replace the given ones."""
+def _resolve_options(options: TrainOptions, checkpoint: Path | None = None) -> TrainOptions:
+    """On --resume, the saved options of the run replace the given ones; the step count is the one the checkpoint's
+    run was heading for."""
     if not options.resume:
         return options
     saved = json.loads((Path(options.output_dir) / OPTIONS_FILENAME).read_text(encoding="utf-8"))
     saved.update(output_dir=options.output_dir, resume=True, overwrite=False, progress=options.progress)
-    saved["training_args"] = {k: v for k, v in saved.get("training_args", {}).items() if v != REDACTED}
-    known = {field.name for field in dataclasses.fields(TrainOptions)}
-    return TrainOptions(**{k: v for k, v in saved.items() if k in known})
+    training = {k: v for k, v in saved.get("training_args", {}).items() if v != REDACTED}
+    for name in _FORMER_OPTION_FIELDS:  # options files of earlier versions held these TrainingArguments fields
+        if saved.get(name) is not None:
+            training.setdefault(name, saved[name])
+    known = {field.name for field in dataclasses.fields(TrainOptions) if field.init}
+    resolved = TrainOptions(**{k: v for k, v in saved.items() if k in known} | {"training_args": training})
+    resolved.planned_steps = _checkpoint_horizon(checkpoint) or saved.get("planned_steps")
+    return resolved
+
+
+_FORMER_OPTION_FIELDS = ("learning_rate", "seed", "gradient_accumulation_steps", "eval_steps", "save_steps",
+                         "logging_steps")
+
+
+def _checkpoint_horizon(checkpoint: Path | None) -> int | None:
+    """The step count a checkpoint's run was heading for (a --max-minutes run re-plans it as it goes)."""
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps") or None
 
 
 def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
@@ -569,7 +580,7 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
     from .data import build_lm_datasets  # imported here: `datasets` is only needed to train
 
     checkpoint = check_output_dir(options)
-    options = _resolve_options(options)
+    options = _resolve_options(options, checkpoint)
     options.check()
     recipe = load_recipe(options.recipe)
     size = options.size if options.size is not None else recipe.get("size")
@@ -593,7 +604,7 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
     if options.eval_samples:
         eval_data = eval_data.select(range(min(options.eval_samples, len(eval_data))))
 
-    set_seed(options.seed)
+    set_seed(args.seed)
     model = EBTForCausalLM(config)
     if options.planned_steps is None:
         options.planned_steps = args.max_steps = _plan_steps(options, model, train_data, args)
@@ -602,12 +613,13 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
     warmup = args.warmup_steps if args.warmup_steps >= 1 else args.warmup_steps * args.max_steps
     if warmup >= args.max_steps:
         _say(f"warning: warm-up ({warmup:g} steps) is not shorter than the run ({args.max_steps} steps); the learning "
-             f"rate never reaches {args.learning_rate:g}. Pass --training-arg warmup_steps=0.05 for a short run.", main)
+             f"rate never reaches {args.learning_rate:g}. Pass --warmup-steps 0.05 for a short run.", main)
 
     time_limit = None
     callbacks = list(callbacks or [])
     if options.max_minutes is not None and not options.resume:
-        time_limit = TimeLimitCallback(options.max_minutes * 60)
+        time_limit = TimeLimitCallback(options.max_minutes * 60, planned_steps=options.planned_steps)
+        args.max_steps = time_limit.max_steps_bound  # room for re-planning: the callback sets the run's end
         callbacks.append(time_limit)
     trainer = EBTTrainer(model=model, args=args, train_dataset=train_data,
                          eval_dataset=eval_data if options.eval_samples else None,
@@ -623,6 +635,8 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(options.output_dir)
         (Path(options.output_dir) / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
+        if time_limit:  # the step count the re-planning ended with, for the record and for --resume
+            _record_planned_steps(options.output_dir, trainer.state.max_steps)
     evaluated = (f"final eval loss {metrics['eval_last_step_loss']:.4f}" if "eval_last_step_loss" in metrics
                  else "not evaluated (--eval-samples 0)")
     _say(f"saved the model to {options.output_dir} after {summary['steps']} steps ({summary['tokens_seen']:,} "
@@ -632,14 +646,21 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
 
 def _plan_steps(options: TrainOptions, model: nn.Module, train_data, args: TrainingArguments) -> int:
     """The optimizer steps that fit in `options.max_minutes`, from a timed probe (rank 0's, on every process)."""
-    batch = default_data_collator([train_data[i] for i in range(min(options.batch_size, len(train_data)))])
+    size = min(args.per_device_train_batch_size, len(train_data))
+    batch = default_data_collator([train_data[i] for i in range(size)])
     step_seconds = measure_step_seconds(model.to(args.device), {k: v.to(args.device) for k, v in batch.items()},
                                         args.learning_rate)
-    step_seconds = _from_main_process(step_seconds * options.gradient_accumulation_steps)
-    steps = max(1, int(0.9 * options.max_minutes * 60 / step_seconds))
+    step_seconds = _from_main_process(step_seconds * args.gradient_accumulation_steps)
+    steps = max(1, int(options.max_minutes * 60 / step_seconds))
     _say(f"one optimizer step takes ~{step_seconds:.2f} s: planning {steps} steps for {options.max_minutes:g} "
-         "minutes", args.process_index == 0)
+         "minutes, re-planned as training goes", args.process_index == 0)
     return steps
+
+
+def _record_planned_steps(output_dir: str, steps: int) -> None:
+    path = Path(output_dir) / OPTIONS_FILENAME
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**saved, "planned_steps": steps}, indent=2) + "\n")
 
 
 def _prepare_output_dir(options: TrainOptions) -> None:
@@ -707,7 +728,7 @@ def _summary(options, size, config, trainer, result, metrics, train_seconds, sto
         "global_batch_size": global_batch,
         "learning_rate": args.learning_rate,
         "steps": steps,
-        "planned_steps": args.max_steps,
+        "planned_steps": trainer.state.max_steps,
         "stopped_by_time_limit": stopped_by_time,
         "tokens_seen": steps * global_batch * options.block_size,
         "train_seconds_this_session": round(train_seconds, 1),
@@ -719,7 +740,7 @@ def _summary(options, size, config, trainer, result, metrics, train_seconds, sto
         "eval": {k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k
                  and "per_second" not in k},
         "eval_samples": options.eval_samples,
-        "seed": options.seed,
+        "seed": args.seed,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
 
@@ -729,6 +750,7 @@ __all__ = [
     "EBTTrainer",
     "MODEL_SIZES",
     "RECIPES",
+    "TRAINING_DEFAULTS",
     "TimeLimitCallback",
     "TrainOptions",
     "ebt_optimizer_groups",

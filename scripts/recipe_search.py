@@ -72,10 +72,10 @@ def main():
             options = TrainOptions(
                 output_dir=str(out / "run"), corpus=args.corpus, size=args.size, recipe="s1",
                 model_args={k: v for k, v in setting.items() if k != "learning_rate"},
-                training_args={"warmup_steps": 0.05, "save_strategy": "no"},
-                learning_rate=setting["learning_rate"], max_steps=args.steps, block_size=args.block_size,
-                batch_size=args.batch_size, eval_samples=args.eval_samples, logging_steps=max(1, args.steps // 10),
-                progress=False)
+                training_args={"warmup_steps": 0.05, "save_strategy": "no", "learning_rate": setting["learning_rate"],
+                               "logging_steps": max(1, args.steps // 10)},
+                max_steps=args.steps, block_size=args.block_size, batch_size=args.batch_size,
+                eval_samples=args.eval_samples, progress=False)
             summary = run_training(options)
             record = {"setting": setting, "steps": summary["steps"], "tokens_seen": summary["tokens_seen"],
                       "eval_last_step_loss": summary["eval"].get("eval_last_step_loss"),

@@ -30,8 +30,8 @@ BLOCK = 256
 
 def train(out: Path, steps: int, model_args: dict) -> Path:
     run_training(TrainOptions(output_dir=str(out), recipe="cpu-small", max_steps=steps, block_size=BLOCK,
-                              batch_size=16, eval_samples=0, logging_steps=50, overwrite=True, progress=False,
-                              model_args=model_args))
+                              batch_size=16, eval_samples=0, training_args={"logging_steps": 50}, overwrite=True,
+                              progress=False, model_args=model_args))
     return out
 
 
