@@ -74,8 +74,9 @@ class TrainOptions:
         "train for this long: the step count is planned from a timed probe and re-planned as training goes, the "
         "learning-rate schedule following it; evaluation and saving at the end come on top"))
     block_size: int = dataclasses.field(default=256, metadata=_help("tokens per training sequence"))
-    batch_size: int = dataclasses.field(default=16, metadata=_help(
-        "sequences per process per micro-batch, in training and evaluation"))
+    batch_size: int | None = dataclasses.field(default=None, metadata=_help(
+        "sequences per process per micro-batch, in training and evaluation; None: the recipe's "
+        "per_device_train_batch_size, else 16"))
     eval_samples: int = dataclasses.field(default=64, metadata=_help("validation sequences to evaluate on (0: none)"))
     validation_fraction: float = dataclasses.field(default=0.1, metadata=_help(
         "the last part of the corpus held out for validation"))
@@ -96,7 +97,7 @@ class TrainOptions:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        if self.batch_size < 1 or self.eval_samples < 0:
+        if (self.batch_size is not None and self.batch_size < 1) or self.eval_samples < 0:
             raise ValueError(f"batch_size must be >= 1 and eval_samples >= 0, got {self.batch_size} and "
                              f"{self.eval_samples}")
         if self.resume and self.overwrite:

@@ -507,6 +507,7 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+DEFAULT_BATCH_SIZE = 16  # sequences per process per micro-batch when neither --batch-size nor the recipe says
 # ebt train's own defaults for TrainingArguments fields: below the recipe's values and the flags given
 TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 0, "logging_steps": 10, "logging_first_step": True, "save_strategy": "steps", "save_steps": 500,
@@ -520,11 +521,12 @@ def build_training_arguments(options: TrainOptions, recipe: dict[str, Any], max_
     options decide (output dir, steps, batch size, evaluation, progress bars, CPU), the flags given
     (`options.training_args`)."""
     fields = {**TRAINING_DEFAULTS, **recipe["training"]}
+    batch_size = options.batch_size or fields.get("per_device_train_batch_size", DEFAULT_BATCH_SIZE)
     fields.update(
         output_dir=options.output_dir,
         max_steps=max_steps,
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
         disable_tqdm=not options.progress,
         # Without an accelerator the processes that `accelerate launch` starts only form a (gloo) process group if
         # the script asks for the CPU; otherwise each would silently train alone.

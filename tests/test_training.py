@@ -24,6 +24,8 @@ from modeling_ebt.training import (
     DescentGuard,
     EBTTrainer,
     TimeLimitCallback,
+    TrainOptions,
+    build_training_arguments,
     ebt_optimizer_groups,
     last_complete_checkpoint,
     load_model_config,
@@ -139,6 +141,16 @@ def test_s2_recipe_is_the_references_system_2_job_field_by_field():
     assert recipe["training"]["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
     assert recipe["size"] == "xxs"  # the job's model size (RUN_NAME ebt-xxs-...)
     assert set(recipe["model"]) == {field for _, _, field in REFERENCE_S2_MODEL}
+
+
+def test_the_recipes_batch_applies_unless_batch_size_is_given(tmp_path):
+    s2 = load_recipe("s2")
+    args = build_training_arguments(TrainOptions(output_dir=str(tmp_path), max_steps=1), s2, 1)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (32, 2)
+    args = build_training_arguments(TrainOptions(output_dir=str(tmp_path), max_steps=1, batch_size=4), s2, 1)
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (4, 4)
+    args = build_training_arguments(TrainOptions(output_dir=str(tmp_path), max_steps=1), load_recipe("s1"), 1)
+    assert args.per_device_train_batch_size == 16  # no batch in the recipe: ebt train's default
 
 
 def test_recipes_and_sizes_reject_unknown_names_and_fields(tmp_path):
