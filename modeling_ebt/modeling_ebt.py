@@ -1060,6 +1060,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
     def _check_generation_request(self, input_ids, config, kwargs):
         if isinstance(input_ids, torch.Tensor) and (input_ids.dim() != 2 or input_ids.shape[-1] == 0):
             raise ValueError(f"generate needs a non-empty prompt (batch × tokens), got shape {tuple(input_ids.shape)}")
+        if isinstance(input_ids, torch.Tensor):
+            self._check_generation_length(input_ids.shape[1], config, kwargs)
         beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
         if beams > 1:
             raise ValueError("EBTForCausalLM.generate does not support beam search (num_beams > 1); use greedy or "
@@ -1068,6 +1070,21 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if kwargs.get(name) is not None or getattr(config, name, None) is not None:
                 raise ValueError(f"EBTForCausalLM.generate does not support `{name}`: only greedy and sampling "
                                  f"decoding run energy descent")
+
+
+    def _check_generation_length(self, prompt: int, config, kwargs):
+        """Refuse, before any work, a generation that would run past max_position_embeddings."""
+        limit = self.config.max_position_embeddings
+        max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if max_new is not None:
+            total, asked = prompt + max_new, f"a prompt of {prompt} tokens + max_new_tokens={max_new}"
+        else:
+            total = kwargs.get("max_length", getattr(config, "max_length", None))
+            asked = f"max_length={total}"
+        if total is not None and total > limit:
+            raise ValueError(f"generate would reach {total} tokens ({asked}), more than the model's "
+                             f"max_position_embeddings={limit}: ask for at most "
+                             f"max_new_tokens={max(limit - prompt, 0)} (max_length={limit}) or shorten the prompt")
 
 
 # save_pretrained / push_to_hub copy this file (and configuration_ebt.py) next to the weights, with auto_map entries
