@@ -543,7 +543,7 @@ class EBTModel(EBTPreTrainedModel):
     def forward(self, input_ids, candidate_probs, attention_mask=None, position_ids=None, cache=None,
                 landscape: int = 0, **kwargs) -> EBTModelOutput:
         """Energies of `candidate_probs` (batch × seq × vocab distributions), candidate i following token i."""
-        check_inputs(input_ids, self.config, attention_mask=attention_mask)
+        check_inputs(input_ids, self.config, cache.observed_length() if cache is not None else 0, attention_mask)
         if candidate_probs.shape != (*input_ids.shape, self.config.vocab_size):
             raise ValueError(f"candidate_probs must have shape {(*input_ids.shape, self.config.vocab_size)} "
                              f"(batch × seq × vocab_size), got {tuple(candidate_probs.shape)}")
@@ -1075,6 +1075,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
     def _check_generation_length(self, prompt: int, config, kwargs):
         """Refuse, before any work, a generation that would run past max_position_embeddings."""
         limit = self.config.max_position_embeddings
+        if prompt > limit:
+            raise ValueError(f"the prompt of {prompt} tokens is longer than the model's max_position_embeddings="
+                             f"{limit}; truncate it")
         max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
         if max_new is not None:
             total, asked = prompt + max_new, f"a prompt of {prompt} tokens + max_new_tokens={max_new}"
