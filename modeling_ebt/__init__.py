@@ -6,17 +6,13 @@ Importing the package registers the EBT classes with the `transformers` Auto cla
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_ebt import EBTConfig
-from .modeling_ebt import EBTForCausalLM, EBTModel, EBTPreTrainedModel, ThinkingConfig
+from .modeling_ebt import EBTCache, EBTForCausalLM, EBTModel, EBTPreTrainedModel, ThinkingConfig
+from .tokenization_ebt import EBTTokenizer, register_tokenizer
 
 AutoConfig.register(EBTConfig.model_type, EBTConfig, exist_ok=True)
 AutoModel.register(EBTConfig, EBTModel, exist_ok=True)
 AutoModelForCausalLM.register(EBTConfig, EBTForCausalLM, exist_ok=True)
+register_tokenizer()  # AutoTokenizer
 
-try:  # the tokenizer module registers itself with AutoTokenizer
-    from .tokenization_ebt import EBTTokenizer, register_tokenizer
-
-    register_tokenizer()
-except ImportError:  # pragma: no cover - only while the tokenizer module is being written
-    EBTTokenizer = None
-
-__all__ = ["EBTConfig", "EBTForCausalLM", "EBTModel", "EBTPreTrainedModel", "EBTTokenizer", "ThinkingConfig"]
+__all__ = ["EBTCache", "EBTConfig", "EBTForCausalLM", "EBTModel", "EBTPreTrainedModel", "EBTTokenizer",
+           "ThinkingConfig"]

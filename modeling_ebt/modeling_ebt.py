@@ -11,19 +11,19 @@ descent on that energy. One transformer runs two streams with shared weights:
   candidate stream gives its energy.
 
 The file reads in the order the data flows: norm, rotary embedding, MLP, attention functions, attention, layer,
-base model (energy function), causal LM (energy descent, loss, generation).
+cache, base model (energy function), causal LM (energy descent, loss, generation).
 """
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -33,7 +33,7 @@ from .configuration_ebt import EBTConfig
 
 
 def softmax_dtype(x: torch.Tensor) -> torch.dtype:
-    """Norms and softmax run in at least float32 (half precisions are promoted, float64 is kept)."""
+    """Norms, softmax and the descent state run in at least float32 (half precisions promoted, float64 kept)."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -62,10 +62,11 @@ class EBTRotaryEmbedding(nn.Module):
         dim = config.head_dim
         return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
-    def forward(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(hidden.device)  # batch × seq × dim/2
+    def forward(self, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (batch × seq × head_dim) for `position_ids`, in the dtype and on the device of `like`."""
+        freqs = position_ids[..., None].float() * self.inv_freq.to(like.device)  # batch × seq × dim/2
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(hidden.dtype), emb.sin().to(hidden.dtype)
+        return emb.cos().to(like.dtype), emb.sin().to(like.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -90,45 +91,90 @@ class EBTMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(hidden)) * self.up_proj(hidden))
 
 
-# Attention functions share one signature. `mask` is boolean (True = may attend), broadcastable to
-# batch × 1 × queries × keys, or None when every key is visible. With `self_kv`, every query also attends to its
-# own key/value (the candidate stream): one softmax over the masked context scores and the self score.
+# --- attention functions ------------------------------------------------------------------------------------------
+# The signature of transformers' attention interface: (module, query, key, value, attention_mask, scaling, ...)
+# → (batch × queries × heads × head_dim, weights). `attention_mask` is boolean (True = may attend), broadcastable to
+# batch × 1 × queries × keys, or None when every key is visible. The candidate stream passes `self_kv`: every query
+# also attends to its own key/value, one softmax over the masked context scores and the self score.
 
 
-def eager_attention(q, k, v, mask, scaling, self_kv=None):
-    batch, heads, queries, dim = q.shape
-    kv_heads = k.shape[1]
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, self_kv=None, **kwargs):
+    batch, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
     groups = heads // kv_heads  # query heads per key/value head (GQA): folded into the query axis, so the
     grouped = (batch, kv_heads, groups * queries, dim)  # cached keys and values are never copied per query head
-    q = (q * scaling).reshape(grouped)  # scale the small queries rather than the queries × keys scores
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    if mask is not None:  # in place: the matmul's backward does not need its output
-        scores = scores.masked_fill_(~mask.repeat(1, 1, groups, 1), float("-inf"))
+    query = (query * scaling).reshape(grouped)  # scale the small queries rather than the queries × keys scores
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    if attention_mask is not None:  # in place: the matmul's backward does not need its output
+        scores = scores.masked_fill_(~attention_mask.repeat(1, 1, groups, 1), float("-inf"))
     if self_kv is None:
-        out = torch.matmul(F.softmax(scores, dim=-1, dtype=softmax_dtype(q)).to(q.dtype), v)
-        return out.view(batch, heads, queries, dim)
-    k_self, v_self = (t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(grouped) for t in self_kv)
-    self_scores = (q * k_self).sum(-1, keepdim=True)
-    probs = F.softmax(torch.cat((scores, self_scores), dim=-1), dim=-1, dtype=softmax_dtype(q)).to(q.dtype)
-    out = torch.matmul(probs[..., :-1], v) + probs[..., -1:] * v_self
-    return out.view(batch, heads, queries, dim)
+        out = torch.matmul(F.softmax(scores, dim=-1, dtype=softmax_dtype(query)).to(query.dtype), value)
+    else:
+        k_self, v_self = (t.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(grouped) for t in self_kv)
+        self_scores = (query * k_self).sum(-1, keepdim=True)
+        probs = F.softmax(torch.cat((scores, self_scores), dim=-1), dim=-1, dtype=softmax_dtype(query))
+        probs = probs.to(query.dtype)
+        out = torch.matmul(probs[..., :-1], value) + probs[..., -1:] * v_self
+    return out.view(batch, heads, queries, dim).transpose(1, 2), None
 
 
-def sdpa_attention(q, k, v, mask, scaling, self_kv=None):
-    if self_kv is not None:
-        # a fused kernel needs each query's own key appended to a copy of all the context keys; the decomposed form
-        # avoids that copy and measured 2.9× faster for a generation step (batch 8, 1024 cached tokens)
-        return eager_attention(q, k, v, mask, scaling, self_kv)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+# Backends of transformers' interface that cannot serve an EBT: flash kernels take no boolean masks with a key per
+# query, flex attention and paged attention need their own mask and cache formats.
+INAPPLICABLE_ATTENTION = ("flash_attention", "flex_attention", "paged")
 
 
-ATTENTION_FUNCTIONS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention}
+def observed_attention_function(config: EBTConfig) -> Callable:
+    """The attention function of the observed stream, looked up in transformers' `AttentionInterface` by
+    `config._attn_implementation` ("eager", "sdpa", or a function registered with `AttentionInterface.register`).
+    Wherever gradients are on, a double backward may follow (training): explicit softmax, as fused kernels have
+    none. The candidate stream always uses `eager_attention`: a fused kernel would need each query's own key
+    appended to a copy of all context keys (the decomposed form measured 2.9× faster for a generation step)."""
+    name = config._attn_implementation or "eager"
+    if name == "eager" or torch.is_grad_enabled():
+        check_attention_implementation(name)
+        return eager_attention
+    return AttentionInterface()[check_attention_implementation(name)]
+
+
+def check_attention_implementation(name: str) -> str:
+    if name != "eager" and (name.startswith(INAPPLICABLE_ATTENTION) or name not in AttentionInterface()):
+        raise ValueError(f"attn_implementation={name!r} cannot run an EBT: use 'eager' or 'sdpa' (or a function "
+                         f"registered with transformers.AttentionInterface.register); flash, flex and paged "
+                         f"attention do not take the candidates' own-key masks")
+    return name
+
+
+@dataclass
+class WindowBlocks:
+    """A sliding-window mask in blocks of queries, each over only the keys of its windows (no queries × keys
+    matrix for long sequences): per block, the query rows, the key columns and the block's boolean mask."""
+
+    blocks: list[tuple[slice, torch.Tensor, torch.Tensor]]
+
+
+def attend(attention_fn, module, query, key, value, mask, self_kv=None) -> torch.Tensor:
+    """batch × queries × heads × head_dim: `attention_fn` under `mask` (a tensor, None or `WindowBlocks`)."""
+    def run(q, k, v, m, own_kv):
+        extra = {} if own_kv is None else {"self_kv": own_kv}  # only the candidate stream's eager function takes it
+        return attention_fn(module, q, k, v, m, scaling=module.scaling, dropout=0.0, **extra)[0]
+
+    if not isinstance(mask, WindowBlocks):
+        return run(query, key, value, mask, self_kv)
+    out = []
+    for rows, cols, block_mask in mask.blocks:
+        block_self = tuple(t[:, :, rows] for t in self_kv) if self_kv is not None else None
+        out.append(run(query[:, :, rows], key[:, :, cols], value[:, :, cols], block_mask, block_self))
+    return torch.cat(out, dim=1)
 
 
 class EBTAttention(nn.Module):
+    is_causal = False  # masks are always explicit (None only when every key is visible)
+
     def __init__(self, config: EBTConfig):
         super().__init__()
-        self.head_dim = config.head_dim
+        self.config, self.head_dim = config, config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
         kv_size = config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
@@ -143,20 +189,17 @@ class EBTAttention(nn.Module):
         k, v = apply_rotary(self._heads(self.k_proj, hidden), cos, sin), self._heads(self.v_proj, hidden)
         return cache.update(k, v, cache_slot) if cache is not None else (k, v)
 
-    def forward(self, hidden, cos, sin, attend, context_kv=None, cache=None, cache_slot=None):
+    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None):
         """Observed stream (`context_kv` None): attend to the keys of this sequence (and the cache).
-        Candidate stream: attend to the observed `context_kv` plus each query's own key.
-        `attend(q, k, v, self_kv=None)` applies the stream's mask (see `EBTModel.attention`)."""
+        Candidate stream: attend to the observed `context_kv` plus each query's own key."""
         q = apply_rotary(self._heads(self.q_proj, hidden), cos, sin)
         if context_kv is None:
-            k, v = self.key_values(hidden, cos, sin, cache, cache_slot)
-            out = attend(q, k, v)
-            kv = (k, v)
+            kv = self.key_values(hidden, cos, sin, cache, cache_slot)
+            out = attend(observed_attention_function(self.config), self, q, *kv, attention_mask)
         else:
-            out = attend(q, *context_kv, self_kv=self.key_values(hidden, cos, sin))
             kv = None
-        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
-        return self.o_proj(out), kv
+            out = attend(eager_attention, self, q, *context_kv, attention_mask, self.key_values(hidden, cos, sin))
+        return self.o_proj(out.reshape(*hidden.shape[:-1], -1)), kv
 
 
 class EBTDecoderLayer(nn.Module):
@@ -167,11 +210,94 @@ class EBTDecoderLayer(nn.Module):
         self.post_attention_layernorm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = EBTMLP(config)
 
-    def forward(self, hidden, cos, sin, attend, context_kv=None, cache=None, cache_slot=None):
-        attn_out, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attend, context_kv, cache, cache_slot)
+    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None):
+        attn_out, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, context_kv, cache,
+                                      cache_slot)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, kv
+
+
+# --- cache --------------------------------------------------------------------------------------------------------
+
+
+class SinkSlidingWindowLayer(DynamicLayer):
+    """A rolling cache layer of O(window) memory that also keeps the first `num_sink_tokens` keys (the always-visible
+    ones: the landscape token of `time_embed` and the configured sink tokens). Returns the kept keys plus the new
+    ones."""
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int, num_sink_tokens: int):
+        super().__init__()
+        self.sliding_window, self.num_sink_tokens, self.cumulative_length = sliding_window, num_sink_tokens, 0
+
+    @property
+    def capacity(self) -> int:
+        """Keys kept: the sinks plus the next token's window (itself and the last window − 1 tokens)."""
+        return self.num_sink_tokens + self.sliding_window - 1
+
+    def kept_index(self, device) -> torch.Tensor:
+        """The sequence index of each kept key."""
+        seen = self.cumulative_length
+        if seen <= self.capacity:
+            return torch.arange(seen, device=device)
+        recent = self.capacity - self.num_sink_tokens
+        return torch.cat((torch.arange(self.num_sink_tokens, device=device),
+                          torch.arange(seen - recent, seen, device=device)))
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, values = torch.cat((self.keys, key_states), -2), torch.cat((self.values, value_states), -2)
+        self.keys, self.values = keys, values
+        if keys.shape[-2] > self.capacity:
+            recent = self.capacity - self.num_sink_tokens
+            self.keys, self.values = (torch.cat((t[..., : self.num_sink_tokens, :], t[..., t.shape[-2] - recent:, :]),
+                                                -2) for t in (keys, values))
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+
+class EBTCache(Cache):
+    """The observed stream's KV cache: one slot per (landscape k, layer l), slot k·L + l; rolling layers under a
+    sliding window. It knows how many tokens each landscape has seen and the sequence index of each key it
+    returns, which is all the masks need."""
+
+    def __init__(self, config: EBTConfig):
+        self.num_layers = config.num_hidden_layers
+        self.num_prefix_tokens = 1 if config.ebt_type == "time_embed" else 0
+        slots = config.num_landscapes * config.num_hidden_layers
+        if config.sliding_window is None:
+            layers = [DynamicLayer() for _ in range(slots)]
+        else:
+            sinks = self.num_prefix_tokens + config.num_sink_tokens
+            layers = [SinkSlidingWindowLayer(config.sliding_window, sinks) for _ in range(slots)]
+        super().__init__(layers=layers)
+
+    def slot(self, landscape: int, layer: int) -> int:
+        return landscape * self.num_layers + layer
+
+    def past_length(self, landscape: int = 0) -> int:
+        """Tokens landscape `landscape` has seen (its landscape token included)."""
+        return self.get_seq_length(self.slot(landscape, 0))
+
+    def observed_length(self) -> int:
+        """Observed tokens in the cache (the landscape token not counted)."""
+        return max(self.past_length(0) - self.num_prefix_tokens, 0)
+
+    def key_index(self, landscape: int, new: int, device) -> torch.Tensor:
+        """Sequence indices of the keys attention sees after `new` tokens are appended to this landscape."""
+        layer, past = self.layers[self.slot(landscape, 0)], self.past_length(landscape)
+        kept = layer.kept_index(device) if isinstance(layer, SinkSlidingWindowLayer) else torch.arange(past,
+                                                                                                      device=device)
+        return torch.cat((kept, torch.arange(past, past + new, device=device)))
+
+
+# --- base model: the energy function ------------------------------------------------------------------------------
 
 
 class EBTPreTrainedModel(PreTrainedModel):
@@ -197,32 +323,13 @@ class EBTPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EBTForCausalLM):
             init.constant_(module.alpha, self.config.mcmc_step_size)
 
-
-class SinkSlidingWindowLayer(DynamicLayer):
-    """A rolling cache layer of O(window) memory that also keeps the first `num_sink_tokens` keys (the always-visible
-    ones: the landscape token of `time_embed` and the configured sink tokens). Returns the kept keys plus the new
-    ones."""
-
-    is_sliding = True
-
-    def __init__(self, sliding_window: int, num_sink_tokens: int):
-        super().__init__()
-        self.sliding_window, self.num_sink_tokens, self.cumulative_length = sliding_window, num_sink_tokens, 0
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
-        keys, values = torch.cat((self.keys, key_states), -2), torch.cat((self.values, value_states), -2)
-        self.keys, self.values = keys, values
-        recent = self.sliding_window - 1  # the next token's window: itself plus the last window − 1 tokens
-        if keys.shape[-2] > self.num_sink_tokens + recent:
-            self.keys, self.values = (torch.cat((t[..., : self.num_sink_tokens, :], t[..., t.shape[-2] - recent:, :]),
-                                                -2) for t in (keys, values))
-        return keys, values
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """Resizes the token embedding and, with it, the candidates' V×D `vocab_to_embed` (and config.vocab_size):
+        kept tokens keep their columns, new ones get the mean column of the old vocabulary."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.base_model.resize_candidate_embedding(embeddings.num_embeddings)
+        self.config.vocab_size = embeddings.num_embeddings
+        return embeddings
 
 
 @dataclass
@@ -244,11 +351,27 @@ class ObservedContext:
 
 
 @dataclass
+class CandidateInputs:
+    """Everything the candidate stream needs that does not depend on the candidates, built once per forward:
+    per layer the observed keys and values, the candidates' mask, and their rotary cos/sin."""
+
+    kv: list
+    mask: torch.Tensor | WindowBlocks | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass
 class EBTModelOutput(ModelOutput):
     """energies: batch × positions, the energy of each candidate; cache: the observed stream's KV cache."""
 
     energies: torch.Tensor | None = None
     cache: Cache | None = None
+
+
+def default_positions(input_ids: torch.Tensor, past: int) -> torch.Tensor:
+    batch, seq = input_ids.shape
+    return torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
 
 
 class EBTModel(EBTPreTrainedModel):
@@ -274,6 +397,18 @@ class EBTModel(EBTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def resize_candidate_embedding(self, vocab_size: int) -> None:
+        """`vocab_to_embed` (V×D, weight D×V) to `vocab_size` columns; new columns are the old columns' mean."""
+        old = getattr(self, "vocab_to_embed", None)
+        if old is None or old.in_features == vocab_size:
+            return
+        new = nn.Linear(vocab_size, old.out_features, bias=False, device=old.weight.device, dtype=old.weight.dtype)
+        kept = min(vocab_size, old.in_features)
+        with torch.no_grad():
+            new.weight[:, :kept] = old.weight[:, :kept]
+            new.weight[:, kept:] = old.weight.mean(dim=1, keepdim=True)
+        self.vocab_to_embed = new
+
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens in front of the observed sequence: the landscape token of `time_embed`."""
@@ -283,31 +418,6 @@ class EBTModel(EBTPreTrainedModel):
     def num_always_visible(self) -> int:
         """Leading keys that every token sees under a sliding window: the landscape token and the sink tokens."""
         return self.num_prefix_tokens + self.config.num_sink_tokens
-
-    def attention_function(self, create_graph: bool) -> Callable:
-        """Second-order gradients (training) need explicit softmax attention: fused kernels have no double
-        backward. Otherwise the configured implementation."""
-        if create_graph:
-            return eager_attention
-        return ATTENTION_FUNCTIONS.get(self.config._attn_implementation or "eager", eager_attention)
-
-    def new_cache(self) -> Cache:
-        """One cache slot per (landscape, layer): landscape k, layer l → slot k·L + l."""
-        slots = self.config.num_landscapes * self.config.num_hidden_layers
-        window = self.config.sliding_window
-        if window is None:
-            return Cache(layers=[DynamicLayer() for _ in range(slots)])
-        return Cache(layers=[SinkSlidingWindowLayer(window, self.num_always_visible) for _ in range(slots)])
-
-    def _key_index(self, past, new, cache, device):
-        """Sequence indices of the keys attention sees after appending `new` tokens to `past` cached ones."""
-        total = past + new
-        window, sinks = self.config.sliding_window, self.num_always_visible
-        kept = past if cache is None or window is None else min(past, sinks + window - 1)
-        if kept == past:
-            return torch.arange(total, device=device)
-        return torch.cat((torch.arange(sinks, device=device), torch.arange(total - (kept - sinks) - new, total,
-                                                                             device=device)))
 
     def _prefix_valid(self, attention_mask):
         """The attention mask extended over the landscape token (never padding)."""
@@ -327,12 +437,11 @@ class EBTModel(EBTPreTrainedModel):
             visible = visible & key_valid[:, keys][:, None, None, :].bool()
         return visible
 
-    def attention(self, create_graph, query_index, keys, key_valid, see_self=False) -> Callable:
-        """`attend(q, k, v, self_kv=None)` for queries at sequence indices `query_index` over keys at indices `keys`
-        (`see_self`: a query may attend to its own key, so padding rows are never empty). With a sliding window and
-        many queries, queries go in blocks that each gather only the keys of their windows: no S×S scores."""
-        attention_fn = self.attention_function(create_graph)
-        scaling, window = self.config.head_dim**-0.5, self.config.sliding_window
+    def attention_mask(self, query_index, keys, key_valid, see_self=False) -> torch.Tensor | WindowBlocks | None:
+        """The mask of queries at sequence indices `query_index` over keys at indices `keys` (`see_self`: a query
+        may attend to its own key, so padding rows are never empty); None when nothing is masked. With a sliding
+        window and many queries, `WindowBlocks`. Built once per forward: it depends only on the context."""
+        window = self.config.sliding_window
 
         def mask_for(queries, key_positions):
             mask = self._visible(queries, key_positions, key_valid)
@@ -340,72 +449,69 @@ class EBTModel(EBTPreTrainedModel):
 
         if window is None or len(query_index) <= 2 * window:
             mask = mask_for(query_index, keys)
-            if bool(mask.all()):  # e.g. one new token over a cache without padding: no masking needed
-                mask = None
-            return lambda q, k, v, self_kv=None: attention_fn(q, k, v, mask, scaling, self_kv)
+            return None if bool(mask.all()) else mask  # e.g. one new token over a cache without padding
+        blocks = []
+        for start in range(0, len(query_index), window):
+            rows = slice(start, start + window)
+            queries = query_index[rows]
+            near = (keys > queries.min() - window) & (keys <= queries.max()) | (keys < self.num_always_visible)
+            cols = near.nonzero().squeeze(1)
+            blocks.append((rows, cols, mask_for(queries, keys[cols])))
+        return WindowBlocks(blocks)
 
-        def attend_in_blocks(q, k, v, self_kv=None):
-            out = []
-            for start in range(0, len(query_index), window):
-                rows = slice(start, start + window)
-                queries = query_index[rows]
-                near = (keys > queries.min() - window) & (keys <= queries.max()) | (keys < self.num_always_visible)
-                cols = near.nonzero().squeeze(1)
-                block_self = tuple(t[:, :, rows] for t in self_kv) if self_kv is not None else None
-                out.append(attention_fn(q[:, :, rows], k[:, :, cols], v[:, :, cols], mask_for(queries, keys[cols]),
-                                        scaling, block_self))
-            return torch.cat(out, dim=2)
-        return attend_in_blocks
+    def _layer(self, layer, create_graph):
+        if self.gradient_checkpointing and create_graph:  # recompute the layer's activations in backward
+            return functools.partial(self._gradient_checkpointing_func, layer)
+        return layer
 
     def observe(self, input_ids, landscape=0, position_ids=None, attention_mask=None, cache=None,
                 create_graph=False) -> ObservedContext:
         """Run the observed stream over `input_ids` (appending to `cache`) in energy landscape `landscape`."""
         batch, seq = input_ids.shape
-        n_layers, prefix = self.config.num_hidden_layers, self.num_prefix_tokens
-        first_slot = landscape * n_layers
-        past = cache.get_seq_length(first_slot) if cache is not None and len(cache.layers) > first_slot else 0
+        past = cache.past_length(landscape) if cache is not None else 0
         if position_ids is None:
-            start = max(past - prefix, 0)
-            position_ids = torch.arange(start, start + seq, device=input_ids.device).expand(batch, -1)
-        position = position_ids + prefix
-        hidden = self.embed_tokens(input_ids)
-        if prefix and past == 0:  # the landscape token opens the sequence at position 0
-            time = self.time_embeddings.weight[landscape].expand(batch, 1, -1)
-            hidden = torch.cat((time, hidden), dim=1)
+            position_ids = default_positions(input_ids, max(past - self.num_prefix_tokens, 0))
+        position, hidden = position_ids + self.num_prefix_tokens, self.embed_tokens(input_ids)
+        if self.num_prefix_tokens and past == 0:  # the landscape token opens the sequence at position 0
+            hidden = torch.cat((self.time_embeddings.weight[landscape].expand(batch, 1, -1), hidden), dim=1)
             position = torch.cat((torch.zeros_like(position[:, :1]), position), dim=1)
         new = hidden.shape[1]
         index = torch.arange(past, past + new, device=input_ids.device)
+        keys = cache.key_index(landscape, new, input_ids.device) if cache is not None else index
         key_valid = self._prefix_valid(attention_mask)
-        keys = self._key_index(past, new, cache, input_ids.device)
-        attend = self.attention(create_graph, index, keys, key_valid, see_self=True)
+        mask = self.attention_mask(index, keys, key_valid, see_self=True)
         cos, sin = self.rotary_emb(hidden, position)
-        kv = []
+        kv, last = [], len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            if i == n_layers - 1:  # candidates only need the last layer's keys and values
-                kv.append(layer.self_attn.key_values(layer.input_layernorm(hidden), cos, sin, cache, first_slot + i))
+            slot = cache.slot(landscape, i) if cache is not None else None
+            if i == last:  # candidates only need the last layer's keys and values
+                kv.append(layer.self_attn.key_values(layer.input_layernorm(hidden), cos, sin, cache, slot))
             else:
-                run = layer
-                if self.gradient_checkpointing and create_graph:  # recompute the layer's activations in backward
-                    run = partial(self._gradient_checkpointing_func, layer)
-                hidden, layer_kv = run(hidden, cos, sin, attend, cache=cache, cache_slot=first_slot + i)
+                hidden, layer_kv = self._layer(layer, create_graph)(hidden, cos, sin, mask, cache=cache,
+                                                                    cache_slot=slot)
                 kv.append(layer_kv)
         drop = new - seq
         return ObservedContext(kv, keys, key_valid, index[drop:], position[:, drop:])
 
-    def embed_candidates(self, probs: torch.Tensor) -> torch.Tensor:
-        if self.config.vocab_to_embed_uses_prob_dist:
-            return torch.matmul(probs, self.embed_tokens.weight)
-        return self.vocab_to_embed(probs)
+    def candidate_inputs(self, context: ObservedContext, queries: torch.Tensor) -> CandidateInputs:
+        """The candidate stream's inputs for candidates after new observed tokens `queries` (indices into the new
+        tokens; repeated for several candidates)."""
+        mask = self.attention_mask(context.index[queries], context.key_index, context.key_valid)
+        cos, sin = self.rotary_emb(context.kv[0][0], context.position[:, queries] + 1)
+        return CandidateInputs(context.kv, mask, cos, sin)
 
-    def energy(self, probs, context: ObservedContext, keep, create_graph=False) -> torch.Tensor:
-        """Energies (batch × queries) of candidate distributions `probs` (batch × queries × vocab); query q is
-        the candidate after new observed token `keep[q]` (an index into the new tokens)."""
+    def embed_candidates(self, probs: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.config.vocab_to_embed_uses_prob_dist else self.vocab_to_embed.weight
+        probs = probs.to(weight.dtype)
+        return torch.matmul(probs, weight) if self.config.vocab_to_embed_uses_prob_dist else F.linear(probs, weight)
+
+    def energy(self, probs: torch.Tensor, candidates: CandidateInputs) -> torch.Tensor:
+        """Energies (batch × queries, in the dtype of `probs`) of candidate distributions `probs` (batch × queries ×
+        vocab). This is the function each descent step calls (and `compile_energy` compiles)."""
         hidden = self.embed_candidates(probs)
-        cos, sin = self.rotary_emb(hidden, context.position[:, keep] + 1)
-        attend = self.attention(create_graph, context.index[keep], context.key_index, context.key_valid)
-        for layer, kv in zip(self.layers, context.kv):
-            hidden, _ = layer(hidden, cos, sin, attend, context_kv=kv)
-        return self.energy_head(self.norm(hidden)).squeeze(-1)
+        for layer, kv in zip(self.layers, candidates.kv):
+            hidden, _ = layer(hidden, candidates.cos, candidates.sin, candidates.mask, context_kv=kv)
+        return self.energy_head(self.norm(hidden)).squeeze(-1).to(probs.dtype)
 
     def energy_recompute(self, input_ids, probs, landscape=0, attention_mask=None, position_ids=None) -> torch.Tensor:
         """The reference's way, kept as a baseline and test oracle: both streams recomputed together through one
@@ -418,7 +524,7 @@ class EBTModel(EBTPreTrainedModel):
         n_obs = seq + prefix
         hidden = torch.cat((observed, self.embed_candidates(probs)), dim=1)
         if position_ids is None:
-            position_ids = torch.arange(seq, device=device).expand(batch, -1)
+            position_ids = default_positions(input_ids, 0)
         parts = [position_ids + prefix, position_ids + prefix + 1]  # observed tokens, then candidates
         if prefix:
             parts.insert(0, torch.zeros_like(position_ids[:, :1]))  # the landscape token
@@ -430,39 +536,50 @@ class EBTModel(EBTPreTrainedModel):
         mask = torch.cat((mask.expand(batch, 1, -1, -1), eye[None, None, :, n_obs:].expand(batch, 1, -1, -1)), -1)
         mask = mask | eye[None, None, :, :]
         cos, sin = self.rotary_emb(hidden, positions)
-        scaling = self.config.head_dim**-0.5
         for layer in self.layers:
-            hidden, _ = layer(hidden, cos, sin, lambda q, k, v: eager_attention(q, k, v, mask, scaling))
-        return self.energy_head(self.norm(hidden[:, n_obs:])).squeeze(-1)
+            hidden, _ = layer(hidden, cos, sin, mask)
+        return self.energy_head(self.norm(hidden[:, n_obs:])).squeeze(-1).to(probs.dtype)
 
     def forward(self, input_ids, candidate_probs, attention_mask=None, position_ids=None, cache=None,
                 landscape: int = 0, **kwargs) -> EBTModelOutput:
         """Energies of `candidate_probs` (batch × seq × vocab distributions), candidate i following token i."""
-        check_input_ids(input_ids, self.config, past=0)
+        check_inputs(input_ids, self.config, cache.observed_length() if cache is not None else 0, attention_mask)
         if candidate_probs.shape != (*input_ids.shape, self.config.vocab_size):
             raise ValueError(f"candidate_probs must have shape {(*input_ids.shape, self.config.vocab_size)} "
                              f"(batch × seq × vocab_size), got {tuple(candidate_probs.shape)}")
         context = self.observe(input_ids, landscape, position_ids, attention_mask, cache)
-        energies = self.energy(candidate_probs, context, torch.arange(input_ids.shape[1], device=input_ids.device))
-        return EBTModelOutput(energies=energies, cache=cache)
+        queries = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return EBTModelOutput(energies=self.energy(candidate_probs, self.candidate_inputs(context, queries)),
+                              cache=cache)
 
 
-def check_input_ids(input_ids: torch.Tensor, config: EBTConfig, past: int) -> None:
+TOKEN_ID_DTYPES = (torch.int64, torch.int32, torch.int16)
+
+
+def check_inputs(input_ids, config: EBTConfig, past: int = 0, attention_mask=None, labels=None) -> None:
+    """Clear errors for malformed inputs; one host sync (the vocabulary range), skipped while compiling."""
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = None if input_ids is None else tuple(input_ids.shape)
         raise ValueError(f"input_ids must be a non-empty batch × sequence tensor of token ids, got shape {shape}")
-    if input_ids.dtype.is_floating_point:
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= config.vocab_size:
-        bad = low if low < 0 else high
+    if input_ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"input_ids must hold integer token ids (torch.long or torch.int32), got dtype "
+                         f"{input_ids.dtype}")
+    batch, seq = input_ids.shape
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + seq):
+        raise ValueError(f"attention_mask must have shape batch × (cached + new tokens) = {(batch, past + seq)} "
+                         f"for input_ids of shape {(batch, seq)} after {past} cached tokens, got "
+                         f"{tuple(attention_mask.shape)}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if past + seq > config.max_position_embeddings:
+        raise ValueError(f"sequence of {past + seq} tokens is longer than the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}; truncate the input (or the generation length)")
+    if not torch.compiler.is_compiling() and bool(((input_ids < 0) | (input_ids >= config.vocab_size)).any()):
+        bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)][0].item()
         raise ValueError(f"input_ids contains token id {bad}, outside the model's vocabulary [0, "
                          f"{config.vocab_size - 1}] (config.vocab_size={config.vocab_size}); is the tokenizer the "
                          f"one this model was trained with?")
-    total = past + input_ids.shape[1]
-    if total > config.max_position_embeddings:
-        raise ValueError(f"sequence of {total} tokens is longer than the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}; truncate the input (or the generation length)")
 
 
 @dataclass
@@ -474,7 +591,6 @@ class ThinkingConfig:
     num_candidates: descend from this many initial points and keep, per position, the lowest final energy.
     energy_tolerance: stop descending a position once its energy changes by less than this (adaptive compute).
     recompute: compute both streams over the whole sequence at every step, as the reference does (baseline).
-    trace: a list that receives, per forward call, (final energies, steps used) of the kept positions.
     """
 
     steps: int | None = None
@@ -483,7 +599,6 @@ class ThinkingConfig:
     num_candidates: int = 1
     energy_tolerance: float | None = None
     recompute: bool = False
-    trace: list | None = None
 
     def __post_init__(self):
         def number(value):
@@ -502,10 +617,6 @@ class ThinkingConfig:
             if not ok:
                 raise ValueError(f"thinking option {name}={getattr(self, name)!r} is invalid: expected {expected}")
 
-    @property
-    def needs_final_energy(self) -> bool:
-        return self.num_candidates > 1 or self.trace is not None
-
 
 @dataclass
 class EBTCausalLMOutput(ModelOutput):
@@ -515,7 +626,7 @@ class EBTCausalLMOutput(ModelOutput):
     energies: steps × batch × positions, the energy at each step before its update.
     step_logits: steps × batch × positions × vocab (with `output_step_logits=True`).
     step_losses: the cross-entropy of each step's logits. final_energies: energy of the final logits (when
-    candidates are compared or a trace is asked for). descent_steps: steps used per position.
+    candidates are compared or `output_final_energies=True`). descent_steps: steps used per position.
     """
 
     loss: torch.Tensor | None = None
@@ -536,34 +647,53 @@ class EBTGenerateOutput(GenerateDecoderOnlyOutput):
     descent_steps: torch.Tensor | None = None
 
 
-class ReplayBuffer:
-    """Final logits of earlier batches, to restart their descent from (System 2 training). It holds sequences of one
-    length: a batch of another length replaces what it held."""
+@dataclass
+class Descent:
+    """A finished descent: logits and energy of every step (steps × batch × queries [× vocab]), the steps each
+    query used, and (when asked) the energy of the final logits."""
 
-    FIELDS = ("input_ids", "labels", "logits")
+    logits: torch.Tensor
+    energies: torch.Tensor
+    steps_used: torch.Tensor
+    final_energies: torch.Tensor | None = None
 
-    def __init__(self, size: int):
-        self.size, self.records = size, []
 
-    def add(self, input_ids, labels, logits):
-        if self.records and self.records[0][0].shape != input_ids.shape[1:]:
-            self.records = []
-        for row in zip(input_ids.cpu(), labels.cpu(), logits.detach().cpu()):
-            self.records.append(row)
-        del self.records[: max(len(self.records) - self.size, 0)]
+def leaves_inference_mode(method):
+    """The descent needs autograd: under `torch.inference_mode()` run `method` with inference mode off (and
+    gradients off), on clones of its tensor arguments (inference tensors cannot be saved for backward)."""
 
-    def sample(self, count: int, device):
-        picks = torch.randperm(len(self.records))[:count].tolist()
-        return [torch.stack([self.records[i][j] for i in picks]).to(device) for j in range(3)]
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return method(self, *args, **kwargs)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The records as three stacked tensors (empty when the buffer is), e.g. for safetensors."""
-        if not self.records:
-            return {}
-        return {name: torch.stack([record[j] for record in self.records]) for j, name in enumerate(self.FIELDS)}
+        def clone(value):
+            return value.clone() if isinstance(value, torch.Tensor) else value
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.records = list(zip(*(state[name].unbind(0) for name in self.FIELDS))) if state else []
+        with torch.inference_mode(False), torch.no_grad():
+            return method(self, *map(clone, args), **{k: clone(v) for k, v in kwargs.items()})
+    return wrapper
+
+
+def hashed_normal(keys: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Standard normal float32 noise of shape keys.shape × size that is a fixed function of (seed, key, index):
+    the same for a key whatever batch it is in, on every run and device (Box–Muller over a splitmix64 hash)."""
+    counter = (keys[..., None] * size + torch.arange(size, device=keys.device)) * 2 + seed * 2**44
+    u1, u2 = _hashed_uniform(counter), _hashed_uniform(counter + 1)
+    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def _signed(constant: int) -> int:
+    return constant - 2**64 if constant >= 2**63 else constant
+
+
+def _hashed_uniform(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser in wrapping int64 arithmetic; its top 24 bits as a uniform in (0, 1)."""
+    x = x + _signed(0x9E3779B97F4A7C15)
+    x = (x ^ ((x >> 30) & (2**34 - 1))) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ ((x >> 27) & (2**37 - 1))) * _signed(0x94D049BB133111EB)
+    x = x ^ ((x >> 31) & (2**33 - 1))
+    return (((x >> 40) & (2**24 - 1)).float() + 0.5) / 2**24
 
 
 class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
@@ -578,8 +708,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         self.model = EBTModel(config)
         self.alpha = nn.Parameter(torch.tensor(float(config.mcmc_step_size)),
                                   requires_grad=config.mcmc_step_size_learnable)
-        self.replay_buffer = ReplayBuffer(config.mcmc_replay_buffer_size) if config.mcmc_replay_buffer else None
         self.gradient_checkpointing = False
+        self.compiled_energy = None  # set by compile_energy()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -587,6 +717,16 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+    def new_cache(self) -> EBTCache:
+        return EBTCache(self.config)
+
+    def compile_energy(self, **torch_compile_kwargs) -> "EBTForCausalLM":
+        """Compile the energy function each descent step calls (`torch.compile(**torch_compile_kwargs)`) and
+        return the model. The descent's `autograd.grad` stays outside the compiled graph; training (which needs
+        the double backward compiled graphs lack) keeps the eager function."""
+        self.compiled_energy = torch.compile(self.model.energy, **torch_compile_kwargs)
+        return self
 
     # --- the descent ------------------------------------------------------------------------------------------
 
@@ -605,65 +745,117 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
 
     def step_size(self, thinking: ThinkingConfig, shape, device) -> torch.Tensor:
         alpha = self.alpha.clamp(min=1e-4) if thinking.step_size is None else torch.tensor(thinking.step_size)
-        alpha = alpha.to(device)
+        alpha = alpha.to(device, softmax_dtype(self.alpha))
         scale = self.config.randomize_mcmc_step_size_scale
         if self.training and scale > 1 and thinking.step_size is None:
             alpha = alpha * torch.empty(*shape, 1, device=device).uniform_(1 / scale, scale)
         return alpha
 
-    def initial_logits(self, shape, device, dtype) -> torch.Tensor:
+    def initial_logits(self, position_ids: torch.Tensor, num_candidates: int = 1) -> torch.Tensor:
+        """Starting logits, batch × (candidates · positions) × vocab, for queries at RoPE positions `position_ids`
+        (batch × positions). Training draws fresh noise; evaluation and generation draw noise that is a fixed
+        function of (position, candidate): a sequence starts the same alone or in any batch, left-padded or not,
+        on every run."""
+        batch, positions = position_ids.shape
+        shape = (batch, num_candidates * positions, self.config.vocab_size)
+        dtype = softmax_dtype(self.alpha)
         if self.config.denoising_initial_condition == "zeros":
-            return torch.zeros(shape, device=device, dtype=dtype)
-        return torch.randn(shape, device=device, dtype=dtype) * self.config.gaussian_random_noise_scaling
+            return torch.zeros(shape, device=position_ids.device, dtype=dtype)
+        if self.training:
+            noise = torch.randn(shape, device=position_ids.device, dtype=dtype)
+        else:
+            candidate = torch.arange(num_candidates, device=position_ids.device).repeat_interleave(positions)
+            keys = position_ids.repeat(1, num_candidates).long() + candidate * 2**24
+            noise = hashed_normal(keys, self.config.vocab_size).to(dtype)
+        return noise * self.config.gaussian_random_noise_scaling
 
-    def descend(self, energy_fn, logits, schedule, alpha, noise, create_graph, tolerance=None):
-        """Gradient descent on the energy, as on the method page:
-            p = softmax(z + noise);  E = energy(p);  z = p − α ∂E/∂p
-        Returns the logits and the energy of every step, and the steps each position used."""
-        truncate, detach = self.config.truncate_mcmc, not (create_graph and self.config.no_mcmc_detach)
-        step_logits, step_energies = [], []
-        steps_used = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-        active, previous = None, None
+    def descend(self, energy_fn, logits, schedule, alpha, noise, create_graph) -> Descent:
+        """Gradient descent on the energy, as on the method page, for every step of `schedule`:
+            p = softmax(z + noise);  E = energy(p);  z = p − α ∂E/∂p"""
+        step_logits, step_energies, finite = [], [], []
         for k, landscape in enumerate(schedule):
-            if detach or not logits.requires_grad:
-                logits = logits.detach().requires_grad_()
-            noisy = logits + noise * torch.randn_like(logits) if noise else logits
-            graph = create_graph and (not truncate or k == len(schedule) - 1)
-            args = (energy_fn, noisy, landscape, graph, create_graph)
-            if graph and self.gradient_checkpointing:  # keep only the step's inputs; rebuild its graph in backward
-                probs, energy, grad = self._gradient_checkpointing_func(self.descent_step, *args)
-            else:
-                probs, energy, grad = self.descent_step(*args)
-            if not (torch.isfinite(energy).all() and torch.isfinite(grad).all()):
-                raise FloatingPointError(
-                    f"non-finite energy or energy gradient at descent step {k} (step size α="
-                    f"{float(alpha.detach().mean()):.4g}); the descent diverged: lower mcmc_step_size, check the "
-                    f"weights and inputs, or train in float32")
-            updated = probs - alpha * grad
-            if tolerance is not None:
-                if previous is not None:
-                    converged = (energy.detach() - previous).abs() < tolerance
-                    active = active & ~converged
-                    updated = torch.where(active[..., None], updated, logits)
-                else:
-                    active = torch.ones_like(steps_used, dtype=torch.bool)
-                previous = energy.detach()
-                steps_used += active
-            else:
-                steps_used += 1
-            logits = updated if create_graph else updated.detach()
+            logits, energy, ok = self.descent_step(energy_fn, logits, landscape, alpha, noise, create_graph,
+                                                   self._keeps_graph(k, len(schedule), create_graph))
             step_logits.append(logits)
-            step_energies.append(energy if create_graph else energy.detach())
-            if active is not None and not active.any():
-                break
-        return step_logits, step_energies, steps_used
+            step_energies.append(energy)
+            finite.append(ok)
+        self._check_finite(finite, alpha)
+        steps_used = torch.full(logits.shape[:-1], len(schedule), dtype=torch.long, device=logits.device)
+        return Descent(torch.stack(step_logits), torch.stack(step_energies), steps_used)
 
-    def descent_step(self, energy_fn, logits, landscape, create_graph, retain_graph):
+    def descend_until_converged(self, energy_fn, logits, schedule, alpha, noise, create_graph, tolerance) -> Descent:
+        """`descend` that stops each query once its energy changes by less than `tolerance` between two steps
+        (adaptive compute); it stops early when all have (one host sync per step, the price of stopping)."""
+        step_logits, step_energies, finite = [], [], []
+        active, previous, steps_used = None, None, 0
+        for k, landscape in enumerate(schedule):
+            updated, energy, ok = self.descent_step(energy_fn, logits, landscape, alpha, noise, create_graph,
+                                                    self._keeps_graph(k, len(schedule), create_graph))
+            active = torch.ones(energy.shape, dtype=torch.bool, device=energy.device) if active is None else (
+                active & ((energy.detach() - previous).abs() >= tolerance))
+            logits, previous = torch.where(active[..., None], updated, logits), energy.detach()
+            step_logits.append(logits)
+            step_energies.append(energy)
+            finite.append(ok)
+            steps_used = steps_used + active
+            if not active.any():
+                break
+        self._check_finite(finite, alpha)
+        return Descent(torch.stack(step_logits), torch.stack(step_energies), steps_used)
+
+    def descent_step(self, energy_fn, logits, landscape, alpha, noise, create_graph, keep_graph):
+        """One step from logits z: p = softmax(z + noise), E = energy(p), z' = p − α ∂E/∂p. Returns z', E and a
+        flag tensor (energy finite, update finite), checked after the loop: no host sync per step."""
+        logits = self._step_input(logits, create_graph)
+        noisy = logits + noise * torch.randn_like(logits) if noise else logits
+        probs, energy, grad = self._energy_and_gradient(energy_fn, noisy, landscape, keep_graph, create_graph)
+        updated = probs - alpha * grad
+        ok = torch.stack((torch.isfinite(energy).all() & torch.isfinite(grad).all(), torch.isfinite(updated).all()))
+        if not create_graph:
+            updated, energy = updated.detach(), energy.detach()
+        return updated, energy, ok
+
+    def _step_input(self, logits, create_graph):
+        """Detach policy: each step starts from detached logits unless `no_mcmc_detach` keeps the chain's graph in
+        training."""
+        if not (create_graph and self.config.no_mcmc_detach) or not logits.requires_grad:
+            return logits.detach().requires_grad_()
+        return logits
+
+    def _keeps_graph(self, k, num_steps, create_graph) -> bool:
+        """Truncation: with `truncate_mcmc` only the last step keeps its second-order graph."""
+        return create_graph and (not self.config.truncate_mcmc or k == num_steps - 1)
+
+    def _energy_and_gradient(self, energy_fn, logits, landscape, keep_graph, create_graph):
+        """Checkpoint dispatch: in training with activation checkpointing, a step keeps only its inputs and its graph
+        is rebuilt in backward."""
+        args = (energy_fn, logits, landscape, keep_graph, create_graph)
+        if keep_graph and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(self.energy_gradient, *args)
+        return self.energy_gradient(*args)
+
+    def energy_gradient(self, energy_fn, logits, landscape, create_graph, retain_graph):
         """The candidate distribution of `logits`, its energy, and the energy's gradient with respect to it."""
         probs = F.softmax(logits, dim=-1) if self.config.normalize_initial_condition else logits
         energy = energy_fn(probs, landscape)
         (grad,) = torch.autograd.grad(energy.sum(), probs, create_graph=create_graph, retain_graph=retain_graph)
         return probs, energy, grad
+
+    def _check_finite(self, flags, alpha):
+        """One host sync per descent: the first step whose energy, gradient or update p − α∂E/∂p is not finite."""
+        flags = torch.stack(flags).cpu()
+        if bool(flags.all()):
+            return
+        k, kind = divmod(int((~flags).flatten().nonzero()[0]), 2)
+        step_size = f"{float(alpha.detach().float().mean()):.4g}"
+        if kind == 0:
+            raise FloatingPointError(
+                f"non-finite energy or energy gradient at descent step {k} (step size α={step_size}); the descent "
+                f"diverged: lower mcmc_step_size, check the weights and inputs, or train in float32")
+        raise FloatingPointError(
+            f"non-finite update p − α·∂E/∂p (the step's logits) at descent step {k}: the step size α={step_size} "
+            f"overflows; lower mcmc_step_size (the config field, or generate's mcmc_step_size / "
+            f"ThinkingConfig.step_size) by orders of magnitude")
 
     def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
         """`activation_checkpointing_enable()` (or `TrainingArguments(activation_checkpointing=True)`): in training,
@@ -679,89 +871,92 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
 
     # --- forward ----------------------------------------------------------------------------------------------
 
+    @leaves_inference_mode
     def forward(self, input_ids=None, attention_mask=None, labels=None, initial_logits=None, position_ids=None,
                 cache=None, use_cache=None, logits_to_keep: int = 0, output_step_logits: bool = False,
-                thinking: ThinkingConfig | None = None, **kwargs) -> EBTCausalLMOutput:
+                output_final_energies: bool = False, thinking: ThinkingConfig | None = None,
+                **kwargs) -> EBTCausalLMOutput:
         """Energy descent for the candidates after each token (or the last `logits_to_keep`).
 
         labels: token ids aligned with input_ids (shifted inside, -100 and padding ignored) → `loss`.
-        initial_logits: batch × positions × vocab, the descent's starting point (default: the configured
-        initial condition). thinking: per-call descent options (see `ThinkingConfig`).
+        initial_logits: batch × positions × vocab, the descent's starting point (default: `initial_logits()`).
+        thinking: per-call descent options (see `ThinkingConfig`). output_final_energies: also return the energy
+        of the final logits (always computed with several candidates).
         """
-        if kwargs.get("past_key_values") is not None:
-            cache = kwargs["past_key_values"]
-        if torch.is_inference_mode_enabled():  # autograd is needed for the descent: leave inference mode
-            with torch.inference_mode(False), torch.no_grad():
-                args = [t.clone() if isinstance(t, torch.Tensor) else t
-                        for t in (input_ids, attention_mask, labels, initial_logits, position_ids)]
-                return self.forward(*args, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                                    output_step_logits=output_step_logits, thinking=thinking)
         thinking = thinking or ThinkingConfig()
-        create_graph = torch.is_grad_enabled()
-        if use_cache is None:  # a cache serves generation, not training
+        cache, use_cache = self._cache_for(kwargs.get("past_key_values", cache), use_cache, labels, thinking)
+        past = cache.observed_length() if cache is not None else 0
+        keep = self._kept_positions(input_ids, attention_mask, labels, logits_to_keep, past)
+        if position_ids is None:
+            position_ids = default_positions(input_ids, past)
+        start = self._start(initial_logits, position_ids[:, keep], thinking.num_candidates)
+        schedule, create_graph = self.step_schedule(thinking), torch.is_grad_enabled()
+        with torch.enable_grad():
+            energy_fn = self._energy_function(input_ids, attention_mask, position_ids, cache, keep, thinking,
+                                              schedule, create_graph)
+            descent = self._run_descent(energy_fn, start, schedule, thinking, create_graph)
+            if thinking.num_candidates > 1 or output_final_energies:
+                descent.final_energies = self._final_energies(energy_fn, descent, schedule[-1])
+        descent = self._select_candidates(descent, thinking.num_candidates)
+        loss, step_losses = self._loss(descent, labels, attention_mask, keep, energy_fn)
+        return EBTCausalLMOutput(
+            loss=loss, logits=descent.logits[-1], energies=descent.energies, step_losses=step_losses,
+            step_logits=descent.logits if output_step_logits else None, final_energies=descent.final_energies,
+            descent_steps=descent.steps_used, cache=cache if use_cache else None)
+
+    def _cache_for(self, cache, use_cache, labels, thinking):
+        """The cache policy, in one place: a cache serves generation (not training, not `recompute`). An empty
+        cache of another class (the `DynamicCache` that `generate` makes by default) becomes an `EBTCache`."""
+        if use_cache is None:
             use_cache = self.config.use_cache and labels is None and not self.training
         use_cache = use_cache and not thinking.recompute
-        if use_cache and cache is None:
-            cache = self.model.new_cache()
-        past = 0
-        if cache is not None and len(cache.layers):
-            past = max(cache.get_seq_length(0) - self.model.num_prefix_tokens, 0)
-        check_input_ids(input_ids, self.config, past)
-        batch, seq = input_ids.shape
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(labels.shape)}")
-        replayed = None
-        if self.replay_buffer is not None and self.training and labels is not None:
-            input_ids, attention_mask, labels, replayed = self._add_replay(input_ids, attention_mask, labels)
-            batch = input_ids.shape[0]
-        n_keep = seq if not logits_to_keep else min(int(logits_to_keep), seq)
-        keep = torch.arange(seq - n_keep, seq, device=input_ids.device)
-        n_cand = thinking.num_candidates
-        shape = (batch, n_cand * n_keep, self.config.vocab_size)
-        if initial_logits is not None:
-            if initial_logits.shape != (batch, n_keep, self.config.vocab_size):
-                raise ValueError(f"initial_logits must have the shape of the logits, batch × positions × vocab = "
-                                 f"{(batch, n_keep, self.config.vocab_size)}, got {tuple(initial_logits.shape)}")
-            start = initial_logits.to(self.dtype).repeat(1, n_cand, 1)
-        else:
-            start = self.initial_logits(shape, input_ids.device, self.dtype)
-        if replayed is not None and logits_to_keep == 0:
-            start[-replayed.shape[0]:] = replayed
-        schedule = self.step_schedule(thinking)
-        with torch.enable_grad():
-            energy_fn = self._energy_function(input_ids, attention_mask, position_ids, cache, keep, n_cand,
-                                              create_graph, thinking.recompute, schedule)
-            noise = self.config.langevin_dynamics_noise if thinking.langevin_noise is None else thinking.langevin_noise
-            alpha = self.step_size(thinking, shape[:2], input_ids.device)
-            step_logits, step_energies, steps_used = self.descend(
-                energy_fn, start, schedule, alpha, noise, create_graph, thinking.energy_tolerance)
-            final_energies = None
-            if thinking.needs_final_energy:
-                with torch.no_grad():
-                    final = step_logits[-1]
-                    probs = F.softmax(final, -1) if self.config.normalize_initial_condition else final
-                    final_energies = energy_fn(probs, schedule[-1])
-        step_logits, step_energies = torch.stack(step_logits), torch.stack(step_energies)
-        if n_cand > 1:  # self-verification: per position, the candidate with the lowest final energy
-            step_logits, step_energies, steps_used, final_energies = self._select_candidates(
-                n_cand, n_keep, step_logits, step_energies, steps_used, final_energies)
-        if thinking.trace is not None:
-            thinking.trace.append((final_energies.detach(), steps_used))
-        loss, step_losses = None, None
-        if labels is not None:
-            loss, step_losses = self._loss(step_logits, step_energies, labels, attention_mask, keep, energy_fn)
-            if self.replay_buffer is not None and self.training:
-                self.replay_buffer.add(input_ids, labels, step_logits[-1])
-        return EBTCausalLMOutput(
-            loss=loss, logits=step_logits[-1], energies=step_energies,
-            step_logits=step_logits if output_step_logits else None, step_losses=step_losses,
-            final_energies=final_energies, descent_steps=steps_used, cache=cache if use_cache else None)
+        if thinking.recompute or (cache is None and not use_cache):
+            return None, use_cache
+        if cache is None or (not isinstance(cache, EBTCache) and cache.get_seq_length() == 0):
+            return self.new_cache(), use_cache
+        if not isinstance(cache, EBTCache):
+            raise ValueError(f"cache must be an EBTCache (model.new_cache()), with one slot per landscape and "
+                             f"layer; got a filled {type(cache).__name__}")
+        return cache, use_cache
 
-    def _energy_function(self, input_ids, attention_mask, position_ids, cache, keep, n_cand, create_graph,
-                         recompute, schedule):
-        """energy(probs, landscape) for the kept positions, repeated `n_cand` times along the query axis."""
-        if recompute:
+    def _kept_positions(self, input_ids, attention_mask, labels, logits_to_keep, past) -> torch.Tensor:
+        check_inputs(input_ids, self.config, past, attention_mask, labels)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0 (0 keeps every position, N the last N), got "
+                             f"{logits_to_keep!r}")
+        seq = input_ids.shape[1]
+        n_keep = min(logits_to_keep, seq) if logits_to_keep else seq
+        return torch.arange(seq - n_keep, seq, device=input_ids.device)
+
+    def _start(self, initial_logits, positions, num_candidates) -> torch.Tensor:
+        """The descent's starting logits (float32 or wider, whatever the weights' dtype), candidates along the
+        query axis."""
+        if initial_logits is None:
+            return self.initial_logits(positions, num_candidates)
+        expected = (*positions.shape, self.config.vocab_size)
+        if tuple(initial_logits.shape) != expected:
+            raise ValueError(f"initial_logits must have the shape of the logits, batch × positions × vocab = "
+                             f"{expected}, got {tuple(initial_logits.shape)}")
+        return initial_logits.to(softmax_dtype(self.alpha)).repeat(1, num_candidates, 1)
+
+    def _run_descent(self, energy_fn, start, schedule, thinking, create_graph) -> Descent:
+        alpha = self.step_size(thinking, start.shape[:2], start.device)
+        noise = self.config.langevin_dynamics_noise if thinking.langevin_noise is None else thinking.langevin_noise
+        if thinking.energy_tolerance is None:
+            return self.descend(energy_fn, start, schedule, alpha, noise, create_graph)
+        return self.descend_until_converged(energy_fn, start, schedule, alpha, noise, create_graph,
+                                            thinking.energy_tolerance)
+
+    def _final_energies(self, energy_fn, descent, landscape):
+        with torch.no_grad():
+            final = descent.logits[-1]
+            return energy_fn(F.softmax(final, -1) if self.config.normalize_initial_condition else final, landscape)
+
+    def _energy_function(self, input_ids, attention_mask, position_ids, cache, keep, thinking, schedule,
+                         create_graph):
+        """energy(probs, landscape) for the kept positions, repeated `num_candidates` times along the query axis."""
+        n_cand = thinking.num_candidates
+        if thinking.recompute:
             def recompute_energy(probs, landscape):
                 out = []
                 for chunk in probs.chunk(n_cand, dim=1):  # other positions hold the uniform distribution
@@ -773,17 +968,20 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             return recompute_energy
         # every landscape of the schedule (and the last one, for the contrastive term); all of them with a cache
         landscapes = set(schedule) | {self.config.num_landscapes - 1}
-        with torch.set_grad_enabled(create_graph):
-            contexts = {k: self.model.observe(input_ids, k, position_ids, attention_mask, cache, create_graph)
-                        for k in range(self.config.num_landscapes) if k in landscapes or cache is not None}
         queries = keep.repeat(n_cand)
+        with torch.set_grad_enabled(create_graph):
+            inputs = {k: self.model.candidate_inputs(self.model.observe(input_ids, k, position_ids, attention_mask,
+                                                                        cache, create_graph), queries)
+                      for k in range(self.config.num_landscapes) if k in landscapes or cache is not None}
+        energy = self.compiled_energy if self.compiled_energy is not None and not create_graph else self.model.energy
+        return lambda probs, landscape: energy(probs, inputs[landscape])
 
-        def energy(probs, landscape):
-            return self.model.energy(probs, contexts[landscape], queries, create_graph)
-        return energy
-
-    def _select_candidates(self, n_cand, n_keep, step_logits, step_energies, steps_used, final_energies):
-        best = final_energies.unflatten(1, (n_cand, n_keep)).argmin(dim=1)  # batch × positions
+    def _select_candidates(self, descent: Descent, n_cand: int) -> Descent:
+        """Self-verification: per position, the candidate with the lowest final energy."""
+        if n_cand == 1:
+            return descent
+        n_keep = descent.final_energies.shape[1] // n_cand
+        best = descent.final_energies.unflatten(1, (n_cand, n_keep)).argmin(dim=1)  # batch × positions
 
         def pick(t, lead):  # t: lead dims × batch × (candidates · positions) × rest
             t = t.unflatten(lead + 1, (n_cand, n_keep))
@@ -791,21 +989,25 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             index = best.view(*([1] * lead), *best.shape[:1], 1, n_keep, *([1] * rest))
             index = index.expand(*t.shape[:lead + 1], 1, *t.shape[lead + 2:])
             return t.gather(lead + 1, index).squeeze(lead + 1)
-        return pick(step_logits, 1), pick(step_energies, 1), pick(steps_used, 0), pick(final_energies, 0)
+        lead = {"logits": 1, "energies": 1}
+        return Descent(**{f.name: pick(getattr(descent, f.name), lead.get(f.name, 0)) for f in fields(descent)})
 
-    def _loss(self, step_logits, step_energies, labels, attention_mask, keep, energy_fn):
+    def _loss(self, descent, labels, attention_mask, keep, energy_fn):
+        if labels is None:
+            return None, None
         targets = labels.clone()
         if attention_mask is not None:
             targets = targets.masked_fill(attention_mask == 0, -100)
         targets = torch.cat((targets[:, 1:], torch.full_like(targets[:, :1], -100)), dim=1)[:, keep]
         step_losses = torch.stack([
             F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-            for logits in step_logits])
+            for logits in descent.logits])
         if (targets == -100).all():
             raise ValueError("labels has no token to predict: every target is -100 or padding")
         loss = step_losses[-1] if self.config.truncate_mcmc else step_losses.mean()
         if self.config.contrastive_loss_coeff > 0:
-            loss = loss + self.config.contrastive_loss_coeff * self._contrastive(step_energies[-1], targets, energy_fn)
+            contrastive = self._contrastive(descent.energies[-1], targets, energy_fn)
+            loss = loss + self.config.contrastive_loss_coeff * contrastive
         return loss, step_losses.detach()
 
     def _contrastive(self, predicted_energy, targets, energy_fn):
@@ -816,18 +1018,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         scores = -torch.stack((true_energy, predicted_energy), dim=-1)[valid]
         return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
 
-    def _add_replay(self, input_ids, attention_mask, labels):
-        count = min(round(input_ids.shape[0] * self.config.mcmc_replay_buffer_sample_fraction),
-                    len(self.replay_buffer.records))
-        if count == 0 or self.replay_buffer.records[0][0].shape != input_ids.shape[1:]:
-            return input_ids, attention_mask, labels, None
-        ids, lab, logits = self.replay_buffer.sample(count, input_ids.device)
-        if attention_mask is not None:
-            attention_mask = torch.cat((attention_mask, torch.ones_like(ids)), dim=0)
-        return torch.cat((input_ids, ids)), attention_mask, torch.cat((labels, lab)), logits
-
     # --- generation -------------------------------------------------------------------------------------------
 
+    @leaves_inference_mode
     def generate(self, inputs=None, generation_config=None, *, mcmc_num_steps=None, mcmc_step_size=None,
                  langevin_dynamics_noise=None, num_candidates=None, energy_tolerance=None, recompute=None,
                  **kwargs):
@@ -843,37 +1036,32 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         def knob(value, name, default=None):
             return value if value is not None else getattr(config, name, default)
 
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False), torch.no_grad():
-                inputs = inputs.clone() if isinstance(inputs, torch.Tensor) else inputs
-                kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-                return self.generate(inputs, generation_config, mcmc_num_steps=mcmc_num_steps,
-                                     mcmc_step_size=mcmc_step_size, langevin_dynamics_noise=langevin_dynamics_noise,
-                                     num_candidates=num_candidates, energy_tolerance=energy_tolerance,
-                                     recompute=recompute, **kwargs)
-        return_dict = kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False))
         thinking = ThinkingConfig(
             steps=knob(mcmc_num_steps, "mcmc_num_steps"), step_size=knob(mcmc_step_size, "mcmc_step_size"),
             langevin_noise=knob(langevin_dynamics_noise, "langevin_dynamics_noise"),
             num_candidates=knob(num_candidates, "num_candidates", 1),
-            energy_tolerance=knob(energy_tolerance, "energy_tolerance"), recompute=bool(knob(recompute, "recompute")),
-            trace=[] if return_dict else None)
+            energy_tolerance=knob(energy_tolerance, "energy_tolerance"), recompute=bool(knob(recompute, "recompute")))
         self._check_generation_request(inputs if inputs is not None else kwargs.get("input_ids"), config, kwargs)
-        if not thinking.recompute and kwargs.get("cache") is None and kwargs.get("use_cache", True):
-            kwargs["cache"] = self.model.new_cache()
         if thinking.recompute:
             kwargs["use_cache"] = False
-        output = super().generate(inputs, generation_config, thinking=thinking, **kwargs)
-        if not return_dict:
-            return output
-        energies, steps = zip(*thinking.trace) if thinking.trace else ((), ())
-        return EBTGenerateOutput(**{k: v for k, v in output.items()},
-                                 energies=torch.cat(energies, dim=1) if energies else None,
-                                 descent_steps=torch.cat(steps, dim=1) if steps else None)
+        if not kwargs.get("return_dict_in_generate", getattr(config, "return_dict_in_generate", False)):
+            return super().generate(inputs, generation_config, thinking=thinking, **kwargs)
+        steps = []  # per forward call: the final energies and the descent steps of the new token
+        hook = self.register_forward_hook(lambda module, args, out: steps.append((out.final_energies,
+                                                                                  out.descent_steps)))
+        try:
+            output = super().generate(inputs, generation_config, thinking=thinking, output_final_energies=True,
+                                      **kwargs)
+        finally:
+            hook.remove()
+        energies, descent_steps = (torch.cat(column, dim=1) for column in zip(*steps))
+        return EBTGenerateOutput(**dict(output.items()), energies=energies, descent_steps=descent_steps)
 
     def _check_generation_request(self, input_ids, config, kwargs):
         if isinstance(input_ids, torch.Tensor) and (input_ids.dim() != 2 or input_ids.shape[-1] == 0):
             raise ValueError(f"generate needs a non-empty prompt (batch × tokens), got shape {tuple(input_ids.shape)}")
+        if isinstance(input_ids, torch.Tensor):
+            self._check_generation_length(input_ids.shape[1], config, kwargs)
         beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
         if beams > 1:
             raise ValueError("EBTForCausalLM.generate does not support beam search (num_beams > 1); use greedy or "
@@ -884,9 +1072,27 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                                  f"decoding run energy descent")
 
 
+    def _check_generation_length(self, prompt: int, config, kwargs):
+        """Refuse, before any work, a generation that would run past max_position_embeddings."""
+        limit = self.config.max_position_embeddings
+        if prompt > limit:
+            raise ValueError(f"the prompt of {prompt} tokens is longer than the model's max_position_embeddings="
+                             f"{limit}; truncate it")
+        max_new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if max_new is not None:
+            total, asked = prompt + max_new, f"a prompt of {prompt} tokens + max_new_tokens={max_new}"
+        else:
+            total = kwargs.get("max_length", getattr(config, "max_length", None))
+            asked = f"max_length={total}"
+        if total is not None and total > limit:
+            raise ValueError(f"generate would reach {total} tokens ({asked}), more than the model's "
+                             f"max_position_embeddings={limit}: ask for at most "
+                             f"max_new_tokens={max(limit - prompt, 0)} (max_length={limit}) or shorten the prompt")
+
+
 # save_pretrained / push_to_hub copy this file (and configuration_ebt.py) next to the weights, with auto_map entries
 EBTModel.register_for_auto_class("AutoModel")
 EBTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
-__all__ = ["EBTPreTrainedModel", "EBTModel", "EBTForCausalLM", "ThinkingConfig"]
+__all__ = ["EBTPreTrainedModel", "EBTModel", "EBTForCausalLM", "EBTCache", "ThinkingConfig"]

@@ -249,32 +249,48 @@ class EBTTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        buffer = self.replay_buffer if model.training else None
+        if buffer is not None:  # System 2: part of the batch restarts from earlier batches' final logits
+            inputs = buffer.extend(inputs, _unwrap(model))
         outputs = model(**inputs)
-        alpha = float(_unwrap(self.model).alpha.detach())
+        alpha = _unwrap(self.model).alpha.detach()  # a tensor: no host sync per batch
         if model.training:
             self._train_stats.add(outputs, alpha)
+            if buffer is not None:
+                buffer.add(inputs["input_ids"], inputs["labels"], outputs.logits)
         else:
             labels = inputs["labels"][:, 1:]
             tokens = labels.ne(-100)
             if inputs.get("attention_mask") is not None:
                 tokens &= inputs["attention_mask"][:, 1:].bool()
-            self._eval_stats.add(outputs, alpha, weight=float(tokens.sum()))
+            self._eval_stats.add(outputs, alpha, weight=tokens.sum())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    @property
+    def replay_buffer(self):
+        """The System 2 replay buffer (None unless `config.mcmc_replay_buffer`), held by the trainer."""
+        if "_replay_buffer" not in self.__dict__:
+            from .replay_buffer import ReplayBuffer
+
+            self._replay_buffer = ReplayBuffer.for_config(_unwrap(self.model).config)
+        return self._replay_buffer
+
     # A checkpoint saves, per process, the RNG states and (System 2) the replay buffer, so that a resumed run
-    # continues exactly; both are restored together when training resumes.
+    # continues exactly; both are restored together when training resumes. Why these two private hooks rather than
+    # a public `TrainerCallback.on_save`: on_save does not receive the checkpoint folder (it would have to rebuild
+    # Trainer's naming, which hyperparameter search changes) and no callback runs with the checkpoint being resumed
+    # from; `_save_rng_state(output_dir)` / `_load_rng_state(checkpoint)` get exactly those folders, at exactly the
+    # moments the RNG states (which the buffer's sampling depends on) are saved and restored.
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        buffer = _unwrap(self.model).replay_buffer
-        if buffer is not None and buffer.records:
-            save_file(buffer.state_dict(), os.path.join(output_dir, self._replay_buffer_file()))
+        if self.replay_buffer is not None and self.replay_buffer.records:
+            save_file(self.replay_buffer.state_dict(), os.path.join(output_dir, self._replay_buffer_file()))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
-        buffer = _unwrap(self.model).replay_buffer
-        if buffer is not None and checkpoint is not None:
+        if self.replay_buffer is not None and checkpoint is not None:
             path = os.path.join(checkpoint, self._replay_buffer_file())
-            buffer.load_state_dict(load_file(path) if os.path.isfile(path) else {})
+            self.replay_buffer.load_state_dict(load_file(path) if os.path.isfile(path) else {})
 
     def _replay_buffer_file(self) -> str:
         return f"replay_buffer_{self.args.process_index}.safetensors"

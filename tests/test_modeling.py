@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from modeling_ebt import EBTConfig, EBTForCausalLM, EBTModel, ThinkingConfig
+from modeling_ebt.replay_buffer import ReplayBuffer
 
 from .conftest import tiny_config, tiny_model
 
@@ -203,8 +204,13 @@ def test_system2_training_options_run_and_backpropagate():
     assert len(first.step_losses) in (2, 3)  # 1 landscape with 2..3 random steps
     first.loss.backward()
     assert torch.isfinite(model.alpha.grad)
-    second = model(ids, labels=ids)  # half the batch now comes from the replay buffer
+    buffer = ReplayBuffer.for_config(model.config)
+    buffer.add(ids, ids, first.logits)
+    replayed = buffer.extend({"input_ids": ids, "labels": ids}, model)  # what EBTTrainer.compute_loss does
+    second = model(**replayed)  # half the batch now comes from the replay buffer
     assert second.logits.shape[0] == 6
+    # the replayed rows restart from the recorded final logits
+    assert any(torch.equal(replayed["initial_logits"][4], row) for row in first.logits.detach())
     model.eval()
     assert len(model(ids, labels=ids).step_losses) == 3  # evaluation uses the maximum number of steps
 

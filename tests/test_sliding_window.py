@@ -74,7 +74,7 @@ def test_rolling_cache_generates_the_tokens_of_recompute_with_the_same_window(va
                        denoising_initial_condition="zeros")
     prompt = ids_of((2, 7), seed=1)
     mask = torch.ones_like(prompt)
-    cache = model.model.new_cache()
+    cache = model.new_cache()
     cached = model.generate(prompt, attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False,
                             cache=cache)
     recomputed = model.generate(prompt, attention_mask=mask, max_new_tokens=14, min_new_tokens=14, do_sample=False,
@@ -98,9 +98,9 @@ def test_long_windowed_training_uses_blocks_of_keys_and_equals_the_dense_computa
     key_lengths = []
     original = module.eager_attention
 
-    def recording(q, k, v, mask, scaling, self_kv=None):
+    def recording(attention_module, q, k, v, mask, **kwargs):
         key_lengths.append(k.shape[2])
-        return original(q, k, v, mask, scaling, self_kv)
+        return original(attention_module, q, k, v, mask, **kwargs)
 
     monkeypatch.setattr(module, "eager_attention", recording)
     blocked = model(ids, labels=ids, initial_logits=initial)

@@ -303,7 +303,7 @@ def test_a_resumed_system2_run_restores_its_replay_buffer_and_reaches_the_same_w
         trainer = EBTTrainer(model=model, args=args, train_dataset=token_dataset(16),
                              data_collator=default_data_collator)
         trainer.train(resume_from_checkpoint=resume_from)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.replay_buffer
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, trainer.replay_buffer
 
     uninterrupted, buffer = run()
     checkpoint = tmp_path / "out" / "checkpoint-2"
@@ -320,7 +320,7 @@ def test_a_resumed_system2_run_restores_its_replay_buffer_and_reaches_the_same_w
 
 
 def test_replay_buffer_state_round_trips_and_a_new_length_replaces_old_records():
-    from modeling_ebt.modeling_ebt import ReplayBuffer
+    from modeling_ebt.replay_buffer import ReplayBuffer
 
     buffer = ReplayBuffer(size=3)
     ids = torch.arange(8).view(4, 2)
