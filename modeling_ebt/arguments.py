@@ -221,3 +221,39 @@ def options_from_namespace(namespace: argparse.Namespace) -> TrainOptions:
     fields = {name: values[name] for name in option_fields()}
     fields.update(model_args={key: _json_or_text(text) for key, text in values["model_args"]}, training_args=given)
     return TrainOptions(**fields)
+
+
+# --- ebt study thinking -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StudyArguments:
+    """The flags of `ebt study thinking` (modeling_ebt.study)."""
+
+    output_dir: str = dataclasses.field(metadata=_help("where the models, thinking_study.json and the plot go"))
+    max_steps: int = dataclasses.field(default=500, metadata=_help("optimizer steps of every model"))
+    ood_corpus: list[str] = dataclasses.field(default_factory=list, metadata=_help(
+        "out-of-distribution text files or folders, each scored on its last 10%%"))
+    corpus: str | None = dataclasses.field(default=None, metadata=_help("training corpus; None: the default corpus"))
+    seed: int = dataclasses.field(default=0, metadata=_help("seed of the weights, the block order and the noise"))
+    size: str = dataclasses.field(default="4xs", metadata=_help("model size of all three models"))
+    block_size: int = dataclasses.field(default=128, metadata=_help("tokens per block"))
+    batch_size: int = dataclasses.field(default=16, metadata=_help("blocks per optimizer step and per evaluation"))
+    eval_samples: int = dataclasses.field(default=64, metadata=_help("validation blocks per corpus"))
+    llama_learning_rate: float = dataclasses.field(default=3e-3, metadata=_help(
+        "the Llama's peak learning rate (its schedule is cpu-small's)"))
+    steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16], metadata=_help(
+        "descent step counts scored (one candidate)"))
+    candidates: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8], metadata=_help(
+        "candidate counts scored (at the trained step count)"))
+    langevin_noise: float = dataclasses.field(default=1.0, metadata=_help(
+        "noise of the 'with Langevin' rows of a model trained without noise (else its trained noise)"))
+    cache_dir: str | None = dataclasses.field(default=None, metadata=_help("where tokenized corpora are cached"))
+
+    def __post_init__(self):
+        for name in ("max_steps", "block_size", "batch_size", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.steps or not self.candidates or min(self.steps + self.candidates) < 1:
+            raise ValueError(f"steps and candidates must be non-empty lists of integers >= 1, got {self.steps} and "
+                             f"{self.candidates}")

@@ -11,6 +11,7 @@ on several processes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from .arguments import add_train_parser, unknown_flags_message
+from .arguments import StudyArguments, add_train_parser, unknown_flags_message
 from .arguments import options_from_namespace as train_options
 from .constants import EVAL_FILENAME, EVAL_PLOT_FILENAME, OPTIONS_FILENAME, SUMMARY_FILENAME
 
@@ -135,21 +136,10 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validation_loss(model, batches, steps: int | None, candidates: int, seed: int) -> float:
     """Token-weighted cross-entropy of the last descent step over `batches`."""
-    import torch
-
     from .modeling_ebt import ThinkingConfig
+    from .study import prediction_loss
 
-    torch.manual_seed(seed)
-    total, count = 0.0, 0
-    thinking = ThinkingConfig(steps=steps, num_candidates=candidates)
-    with torch.no_grad():
-        for batch in batches:
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            out = model(**batch, thinking=thinking)
-            tokens = int(batch["attention_mask"][:, 1:].sum())
-            total += float(out.step_losses[-1]) * tokens
-            count += tokens
-    return total / count
+    return prediction_loss(model, batches, ThinkingConfig(steps=steps, num_candidates=candidates), seed)
 
 
 def _recorded(model_dir: str, name: str) -> dict[str, Any]:
@@ -275,7 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help, description=help, formatter_class=argparse.HelpFormatter)
         add_arguments(command)
         command.set_defaults(run=run)
+    studies = commands.add_parser("study", help="studies that train and compare models").add_subparsers(
+        dest="study", required=True, metavar="STUDY", parser_class=HfArgumentParser)
+    thinking_help = "S1 and S2 EBTs and a Llama on the same blocks: loss by steps, candidates and noise, OOD too"
+    studies.add_parser("thinking", dataclass_types=[StudyArguments], help=thinking_help,
+                       description=thinking_help).set_defaults(run=_run_study_thinking)
     return parser
+
+
+def _run_study_thinking(args: argparse.Namespace) -> int:
+    from .study import run_thinking_study
+
+    run_thinking_study(StudyArguments(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudyArguments)}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,42 +18,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
 
+from .arguments import StudyArguments
 from .modeling_ebt import EBTForCausalLM, ThinkingConfig
 from .tokenization_ebt import EBTTokenizer
 from .training import EBTTrainer, load_model_config, load_recipe
 
 STUDY_FILENAME = "thinking_study.json"
 PLOT_FILENAME = "thinking_study.png"
-EBT_RECIPES = {"s1": "cpu-small", "s2": "s2-cpu"}
-
-
-@dataclass
-class StudyArguments:
-    """The flags of `ebt study thinking`."""
-
-    output_dir: str = field(metadata={"help": "where the models, thinking_study.json and the plot go"})
-    max_steps: int = field(default=500, metadata={"help": "optimizer steps per model (the same for all)"})
-    ood_corpus: list[str] = field(default_factory=list, metadata={
-        "help": "out-of-distribution text files or folders, scored on their last 10% (repeatable)"})
-    corpus: str | None = field(default=None, metadata={"help": "training corpus (default: the default corpus)"})
-    seed: int = field(default=0, metadata={"help": "seed of the weights, the block order and the descent's noise"})
-    size: str = field(default="4xs", metadata={"help": "model size of all three models"})
-    block_size: int = 128
-    batch_size: int = 16
-    eval_samples: int = field(default=64, metadata={"help": "validation blocks per corpus"})
-    llama_learning_rate: float = 3e-3
-    steps: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16])
-    candidates: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    langevin_noise: float = field(default=1.0, metadata={
-        "help": "the noise of the 'with Langevin' rows for a model trained without noise (else its trained noise)"})
-    cache_dir: str | None = None
+EBT_RECIPES = {"s1": "cpu-small", "s2": "s2-cpu"}  # the System 1 and System 2 recipes compared
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -198,6 +176,7 @@ def run_thinking_study(args: StudyArguments) -> dict[str, Any]:
                      "recipes": EBT_RECIPES},
     }
     out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / STUDY_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / PLOT_FILENAME)
     print(table(report))
@@ -209,6 +188,10 @@ def forward_passes(row) -> int:
     return 1 if row["steps"] is None else row["steps"] * row["candidates"]
 
 
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
 def table(report) -> str:
     lines = ["model  corpus                          steps cand langevin   loss  ppl gain vs trained"]
     trained = report["trained_steps"]
@@ -216,9 +199,9 @@ def table(report) -> str:
         base = next((r["loss"] for r in report["results"] if r["model"] == row["model"] and
                      r["corpus"] == row["corpus"] and r["steps"] == trained.get(row["model"]) and
                      r["candidates"] == 1 and not r["langevin"]), row["loss"])
-        gain = 100 * (1 - math.exp(min(row["loss"] - base, 700.0)))  # % perplexity saved against the trained
+        gain = 100 * (1 - perplexity(row["loss"] - base))  # % of the trained setting's perplexity saved
         lines.append(f"{row['model']:6} {str(row['corpus'])[-31:]:31} {row['steps']!s:>5} {row['candidates']!s:>4} "
-                     f"{row['langevin']!s:>8} {row['loss']:6.4f} {math.exp(row['loss']):5.2f} {gain:+6.1f}%")
+                     f"{row['langevin']!s:>8} {row['loss']:6.4f} {perplexity(row['loss']):5.3g} {gain:+6.1f}%")
     return "\n".join(lines)
 
 

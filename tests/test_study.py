@@ -1,0 +1,69 @@
+"""`ebt study thinking`: three models on the same blocks, the loss grid, the JSON the issue spells out."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modeling_ebt import EBTForCausalLM, EBTTokenizer, ThinkingConfig
+from modeling_ebt.cli import main
+from modeling_ebt.data import build_lm_datasets
+from modeling_ebt.study import prediction_loss
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tiny_shakespeare.txt"
+
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason=f"{TINY_SHAKESPEARE} is not on this machine (shared data "
+                    "of the development machines and CI)")
+def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(tmp_path):
+    ood = tmp_path / "ood.txt"
+    ood.write_text((REPO / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "study"
+    status = main(["study", "thinking", "--output-dir", str(out), "--max-steps", "3", "--corpus",
+                   str(TINY_SHAKESPEARE), "--ood-corpus", str(ood), "--block-size", "32", "--batch-size", "4",
+                   "--eval-samples", "4", "--steps", "1", "2", "--candidates", "1", "2", "--cache-dir",
+                   str(tmp_path / "cache")])
+    assert status == 0
+    report = json.loads((out / "thinking_study.json").read_text())
+    assert (out / "thinking_study.png").stat().st_size > 0
+    assert report["tokens"] == {"s1": 3 * 4 * 32, "s2": 3 * 4 * 32, "llama": 3 * 4 * 32}
+    assert report["trained_steps"] == {"s1": 2, "s2": 3}  # cpu-small: 2 steps; s2-cpu: 1 landscape, 2..3 steps
+    rows = report["results"]
+    assert {(r["model"], r["corpus"]) for r in rows} == {(m, c) for m in ("s1", "s2", "llama")
+                                                          for c in ("validation", str(ood))}
+    llama = [r for r in rows if r["model"] == "llama"]
+    assert len(llama) == 2 and all(r["steps"] is None and r["candidates"] is None and r["langevin"] is None
+                                   for r in llama)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    s1_steps = {(r["steps"], r["langevin"]) for r in rows if r["model"] == "s1" and r["corpus"] == "validation"
+                and r["candidates"] == 1}
+    assert {(1, False), (2, False), (1, True), (2, True)} <= s1_steps
+    assert any(r["candidates"] == 2 for r in rows if r["model"] == "s2")
+
+    # each row is the loss of the saved model on the validation blocks, recomputed independently
+    blocks = build_lm_datasets(EBTTokenizer(), str(TINY_SHAKESPEARE), block_size=32, validation_fraction=0.1,
+                               cache_dir=tmp_path / "cache")["validation"].select(range(4))
+    batches = [{k: torch.as_tensor(v) for k, v in blocks[0:4].items()}]
+    s1 = EBTForCausalLM.from_pretrained(out / "s1").eval()
+    row = next(r for r in rows if r["model"] == "s1" and r["corpus"] == "validation" and r["steps"] == 1
+               and r["candidates"] == 1 and not r["langevin"])
+    assert prediction_loss(s1, batches, ThinkingConfig(steps=1, langevin_noise=0.0)) == pytest.approx(row["loss"],
+                                                                                                    rel=1e-5)
+    llama = AutoModelForCausalLM.from_pretrained(out / "llama").eval()
+    with torch.no_grad():
+        expected = float(llama(**batches[0]).loss)
+    assert expected == pytest.approx(next(r["loss"] for r in rows if r["model"] == "llama"
+                                          and r["corpus"] == "validation"), rel=1e-5)
+    assert sum(p.numel() for p in llama.parameters()) < sum(p.numel() for p in s1.parameters())  # no V×D candidate map
+
+
+def test_study_arguments_refuse_empty_grids():
+    with pytest.raises(SystemExit):
+        main(["study", "thinking"])  # --output-dir is required
+    assert main(["study", "thinking", "--output-dir", "x", "--max-steps", "0"]) == 1
