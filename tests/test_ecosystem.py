@@ -286,12 +286,12 @@ def test_text_iterator_streamer_yields_the_generated_text(tokenizer):
     model = quiet_model()
     ids = tokenizer("to be or", return_tensors="pt")["input_ids"]
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    worker = threading.Thread(target=model.generate, args=(ids,),
-                              kwargs=dict(max_new_tokens=8, do_sample=False, streamer=streamer, suppress_tokens=NON_ASCII))
+    options = dict(max_new_tokens=8, do_sample=False, suppress_tokens=NON_ASCII)
+    worker = threading.Thread(target=model.generate, args=(ids,), kwargs=dict(options, streamer=streamer))
     worker.start()
     pieces = list(streamer)
     worker.join()
-    expected = model.generate(ids, max_new_tokens=8, do_sample=False, suppress_tokens=NON_ASCII)[0, ids.shape[1]:]
+    expected = model.generate(ids, **options)[0, ids.shape[1]:]
     assert "".join(pieces) == tokenizer.decode(expected) and len(pieces) >= 1
 
 
