@@ -238,7 +238,7 @@ def test_lm_eval_multiple_choice_task_from_a_local_file(tmp_path, tokenizer, mon
         "metric_list:\n  - metric: acc\n")
     model = quiet_model()
     results = simple_evaluate(model=harness(model, tokenizer, batch_size=4), tasks=["ebt_local_mc"],
-                              task_manager=TaskManager(include_path=str(tmp_path)))
+                              task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     correct = 0
     for question, choices, target in docs:
         scores = [final_log_likelihood(model, torch.tensor(tokenizer(question + c)["input_ids"]), len(question))
