@@ -139,6 +139,23 @@ def test_dpo_trainer_starts_at_ln2_and_prefers_the_chosen_completions(tmp_path, 
     assert margin(trainer.model) > margin(reference) + 1.0
 
 
+def test_kto_trainer_starts_at_one_half_and_separates_desirable_from_undesirable(tmp_path, tokenizer):
+    """KTO at policy = reference: every implicit reward and the KL estimate are 0, so the loss is 1 − σ(0) = 0.5."""
+    from trl import KTOConfig, KTOTrainer
+
+    data = Dataset.from_dict({"prompt": ["to be or", "that is the"] * 2, "label": [True, True, False, False],
+                              "completion": [" not", " question", " xq", " zz"]})
+    model = quiet_model(mcmc_step_size=1.0).train()
+    args = KTOConfig(output_dir=str(tmp_path / "kto"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False)
+    trainer = KTOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, train_dataset=data,
+                         processing_class=tokenizer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[0]["loss"] == pytest.approx(0.5, abs=1e-4) and abs(logs[0]["rewards/margins"]) < 1e-3
+    assert logs[-1]["loss"] < logs[0]["loss"] and logs[-1]["rewards/margins"] > 0.1
+
+
 # --- PEFT -----------------------------------------------------------------------------------------------------------
 
 
