@@ -65,7 +65,7 @@ def parameters_moved(model, before) -> float:
 # --- TRL ------------------------------------------------------------------------------------------------------------
 
 
-def sft_trainer(model, tokenizer, tmp_path, packing, max_steps=4):
+def sft_trainer(model, tokenizer, tmp_path, packing, max_steps=4, **trainer_kwargs):
     # TRL's configs default to bf16=True; these tests train in float32 (after a bf16 run on CPU, TRL 1.16 leaves
     # torch's CPU autocast enabled in the process)
     from trl import SFTConfig, SFTTrainer
@@ -74,7 +74,7 @@ def sft_trainer(model, tokenizer, tmp_path, packing, max_steps=4):
                      learning_rate=1e-2, logging_steps=1, report_to=[], packing=packing, max_length=48, use_cpu=True,
                      save_strategy="no", disable_tqdm=True, seed=0, bf16=False)
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, **trainer_kwargs)
 
 
 @pytest.mark.parametrize("as_path", [False, True], ids=["object", "path"])
@@ -102,6 +102,22 @@ def test_sft_trainer_loss_is_the_ebt_loss_and_training_lowers_it(tmp_path, token
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert parameters_moved(model, before) > 1e-4
     assert float(model(ids, attention_mask=mask, labels=labels).loss.detach()) < float(own.detach())
+
+
+def test_sft_trainer_with_a_lora_config_starts_at_the_ebt_loss_and_lowers_it(tmp_path, tokenizer):
+    from peft import LoraConfig
+
+    model = quiet_model().train()
+    documents = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in TEXTS]
+    ids, mask, labels = padded_batch(tokenizer, documents)
+    with torch.no_grad():
+        own = float(model(ids, attention_mask=mask, labels=labels).loss)
+    trainer = sft_trainer(model, tokenizer, tmp_path, packing=False,
+                          peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[0] == pytest.approx(own, rel=1e-5)  # LoRA starts as the identity; the one batch is the dataset
+    assert losses[-1] < losses[0]
 
 
 def test_sft_trainer_refuses_a_loss_that_log_probabilities_cannot_hold(tmp_path, tokenizer):
