@@ -883,6 +883,8 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         thinking: per-call descent options (see `ThinkingConfig`). output_final_energies: also return the energy
         of the final logits (always computed with several candidates).
         """
+        if kwargs.get("fused_lm_head"):  # TRL's trainers ask for per-token log-probabilities (see `__setattr__`)
+            return self.fused_lm_head_forward(input_ids, labels, attention_mask, position_ids, kwargs)
         thinking = thinking or ThinkingConfig()
         cache, use_cache = self._cache_for(kwargs.get("past_key_values", cache), use_cache, labels, thinking)
         past = cache.observed_length() if cache is not None else 0
@@ -1018,6 +1020,39 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         scores = -torch.stack((true_energy, predicted_energy), dim=-1)[valid]
         return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
 
+    # --- TRL's fused LM head ----------------------------------------------------------------------------------
+
+    def __setattr__(self, name, value):
+        """TRL's trainers replace `forward` by a "fused LM head" that projects the base model's hidden states through
+        the output embeddings; an EBT has neither (its logits come from the descent). `forward` answers TRL's
+        `fused_lm_head=True` calls itself, so that replacement is declined, keeping the temperature it carries."""
+        func = getattr(value, "__func__", None)
+        if name == "forward" and "fused_lm_head" in getattr(getattr(func, "__code__", None), "co_varnames", ()):
+            cells = dict(zip(func.__code__.co_freevars, func.__closure__ or ()))
+            temperature = cells["temperature"].cell_contents if "temperature" in cells else 1.0
+            object.__setattr__(self, "fused_lm_head_temperature", float(temperature))
+            return
+        super().__setattr__(name, value)
+
+    def fused_lm_head_forward(self, input_ids, labels, attention_mask, position_ids, kwargs) -> "EBTFusedLMHeadOutput":
+        """TRL's fused-head outputs: the log-probability of each label under the likelihood the model's loss uses
+        (the mean over descent steps, only the last with `truncate_mcmc`), so that TRL's NLL is the model's loss;
+        entropy and the metrics from the final logits. Padding-free rows (documents back to back, `position_ids`
+        restarting at 0) are descended as one padded row per document, so documents never attend to each other."""
+        if self.config.contrastive_loss_coeff > 0 or (self.config.mcmc_replay_buffer and self.training):
+            raise ValueError("TRL's trainers compute the loss from per-token log-probabilities, which cannot hold the "
+                             "contrastive term (contrastive_loss_coeff > 0) or replayed rows (mcmc_replay_buffer); "
+                             "train such a model with transformers' Trainer or modeling_ebt.training.EBTTrainer")
+        step_logits = packed_step_logits(self, input_ids, attention_mask, position_ids)
+        step_logits = step_logits / getattr(self, "fused_lm_head_temperature", 1.0)
+        targets, valid = kwargs.get("shift_labels"), attention_mask
+        if targets is None:
+            step_logits, targets = step_logits[:, :, :-1], labels[:, 1:]
+            valid = None if attention_mask is None else attention_mask[:, 1:]
+        if valid is not None:
+            targets = targets.masked_fill(valid == 0, -100)
+        return fused_lm_head_output(step_logits, targets, self.config.truncate_mcmc, kwargs.get("num_items_in_batch"))
+
     # --- generation -------------------------------------------------------------------------------------------
 
     @leaves_inference_mode
@@ -1071,7 +1106,6 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                 raise ValueError(f"EBTForCausalLM.generate does not support `{name}`: only greedy and sampling "
                                  f"decoding run energy descent")
 
-
     def _check_generation_length(self, prompt: int, config, kwargs):
         """Refuse, before any work, a generation that would run past max_position_embeddings."""
         limit = self.config.max_position_embeddings
@@ -1088,6 +1122,66 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             raise ValueError(f"generate would reach {total} tokens ({asked}), more than the model's "
                              f"max_position_embeddings={limit}: ask for at most "
                              f"max_new_tokens={max(limit - prompt, 0)} (max_length={limit}) or shorten the prompt")
+
+
+@dataclass
+class EBTFusedLMHeadOutput(ModelOutput):
+    """What TRL's trainers read from `forward(..., labels=labels, fused_lm_head=True)` (TRL's `FusedCausalLMOutput`).
+    Per-token fields are batch × (positions − 1) (positions with `shift_labels`), zero where the label is -100.
+
+    loss: the negative log-likelihood summed over the labels, divided by their count (or `num_items_in_batch`).
+    log_probs: log-probability of each label, with the gradient. entropy, log_sum_sq_probs, mean_logits, is_top1:
+    of the final logits' distribution, without gradient. label_mask: where the label is not -100.
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def fused_lm_head_output(step_logits, targets, last_step_only, num_items_in_batch=None) -> EBTFusedLMHeadOutput:
+    """step_logits: steps × batch × positions × vocab; targets: batch × positions (-100 ignored)."""
+    mask = targets != -100
+    step_log_probs = F.log_softmax(step_logits.float(), dim=-1)
+    index = targets.clamp(min=0)[None, ..., None].expand(len(step_logits), -1, -1, 1)
+    per_step = step_log_probs.gather(-1, index).squeeze(-1)  # steps × batch × positions
+    log_probs = (per_step[-1] if last_step_only else per_step.mean(0)).masked_fill(~mask, 0.0)
+    with torch.no_grad():
+        final, logits = step_log_probs[-1], step_logits[-1].float()
+        entropy = -(final.exp() * final).sum(-1).masked_fill(~mask, 0.0)
+        log_sum_sq_probs = torch.logsumexp(2 * final, dim=-1).masked_fill(~mask, 0.0)
+        mean_logits = logits.mean(-1).masked_fill(~mask, 0.0)
+        is_top1 = (logits.argmax(-1) == targets) & mask
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return EBTFusedLMHeadOutput(loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy,
+                                log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1,
+                                label_mask=mask)
+
+
+def packed_step_logits(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Every descent step's logits (steps × batch × positions × vocab). Rows whose `position_ids` restart at 0
+    (padding-free packing, no attention mask) are split into one padded row per document and put back after."""
+    restarts = position_ids is not None and attention_mask is None and bool((position_ids[:, 1:] == 0).any())
+    if not restarts:
+        return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                     output_step_logits=True).step_logits
+    starts = position_ids == 0
+    starts[:, 0] = True
+    flat_starts = starts.flatten()
+    document = flat_starts.cumsum(0) - 1  # each token's document
+    column = torch.arange(len(document), device=document.device) - flat_starts.nonzero().squeeze(1)[document]
+    shape = (int(document[-1]) + 1, int(column.max()) + 1)
+    ids = input_ids.new_full(shape, model.config.pad_token_id or 0)
+    ids[document, column] = input_ids.flatten()
+    mask = torch.zeros_like(ids)
+    mask[document, column] = 1
+    step_logits = model(ids, attention_mask=mask, use_cache=False, output_step_logits=True).step_logits
+    return step_logits[:, document, column].unflatten(1, input_ids.shape)
 
 
 # save_pretrained / push_to_hub copy this file (and configuration_ebt.py) next to the weights, with auto_map entries
