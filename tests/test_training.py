@@ -484,7 +484,7 @@ def test_a_step_size_driven_to_its_floor_stops_training_with_a_clear_error(tmp_p
     trainer = EBTTrainer(model=model, args=args, train_dataset=data["train"], data_collator=default_data_collator)
     with pytest.raises(DescentCollapseError, match="mcmc_step_size_lr_multiplier=1500.*mcmc_step_size_learnable"):
         trainer.train()
-    assert trainer.state.global_step < 50
+    assert trainer.state.global_step < 50, trainer.state.global_step
     assert float(model.alpha.detach()) <= DescentGuard.ALPHA_FLOOR
 
 
