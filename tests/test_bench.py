@@ -101,7 +101,7 @@ def test_targets_and_ratios():
 def test_quick_preset_keeps_explicit_options():
     args = bench.parse_args(["generate", "--quick", "--new-tokens", "6"])
     assert args.new_tokens == 6 and args.size == "tiny"
-    assert args.prompt_lengths == bench.GENERATE_QUICK["prompt_lengths"]
+    assert args.prompt_lengths == bench.QUICK["generate"]["prompt_lengths"]
     args = bench.parse_args(["train", "--batch-size", "3"])
     assert args.batch_size == 3 and args.seq_len == 256 and args.size == "xxs" and not args.quick
 
