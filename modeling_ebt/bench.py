@@ -846,14 +846,14 @@ def summary_table(payloads: list[dict]) -> str:
             train = payload["command"] == "train"
             memory = r.get("peak_memory") if train else r.get("mem_growth")
             lines.append([payload["command"], args["size"], f"{env['device']} {env['dtype']}",
-                          r["variant"] if train else r["group"], r["label"],
+                          (r["variant"] or "-") if train else r["group"], r["label"],
                           f"{r['batch']}×{r['seq']}" if train else f"{r['batch']}×p{r['prompt_len']}",
                           _fmt(r["tokens_per_s"], ",.1f"), _fmt(r["step_seconds"] if train else r["seconds_per_step"],
                                                                ".3g", 1e3),
                           _fmt(memory, ".1f", 2**-20), _fmt(r["flops_per_token"], ".4g", 1e-9), _fmt(r["mfu"], ".2%"),
                           r["error"] or r.get("skipped") or ""])
     return format_table(["bench", "size", "device", "group", "mode", "shape", "tokens/s", "ms/step or token",
-                         "MiB (train peak, generate growth)", "GFLOP/token", "MFU", "error / note"], lines)
+                         "MiB peak/growth", "GFLOP/token", "MFU", "error / note"], lines)
 
 
 def cmd_summary(args) -> dict:
