@@ -189,24 +189,30 @@ def mfu(flops_per_token, tokens_per_s, peak_tflops) -> float | None:
     return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
 
 
-_ROUND = None  # in a worker process: the barrier and the lock of its round
+_ROUND = None  # in a worker process: the barrier, the condition and the turn counter of its round
 
 
-def _join_round(barrier, lock) -> None:
+def _join_round(barrier, condition, turn) -> None:
     global _ROUND
-    _ROUND = (barrier, lock)
+    _ROUND = (barrier, condition, turn)
 
 
-def _in_turn(measure: Callable[[dict], dict], spec: dict) -> dict:
-    """In a worker: wait until every process of the round has started, then measure while the others wait."""
-    barrier, lock = _ROUND
+def _in_turn(measure: Callable[[dict], dict], spec: dict, index: int) -> dict:
+    """In a worker: wait until every process of the round has started and the `index - 1` before it have measured,
+    then measure while the others wait."""
+    barrier, condition, turn = _ROUND
     barrier.wait()
-    with lock:
+    with condition:
+        condition.wait_for(lambda: turn.value == index)
+    try:
         log(f"{spec['name']}: measuring")
-        result = measure(spec)
+        return measure(spec)
+    finally:
         gc.collect()
         release_free_memory()  # the process idles until the round ends
-        return result
+        with condition:
+            turn.value += 1
+            condition.notify_all()
 
 
 def _outcome(get_result: Callable[[], dict], name: str) -> tuple[dict | None, str | None]:
@@ -223,8 +229,8 @@ def _outcome(get_result: Callable[[], dict], name: str) -> tuple[dict | None, st
 
 def run_round(measure: Callable[[dict], dict], specs: list[dict]) -> list[tuple[dict | None, str | None]]:
     """measure(spec) for every spec, one after the other. On CPU each in its own process, whose peak RSS is its own:
-    the processes start (import torch) together, then measure in turn. On CUDA in this process (peaks are reset per
-    region)."""
+    the processes start (import torch) together, then measure in the order of `specs`. On CUDA in this process
+    (peaks are reset per region)."""
     if specs[0]["device"] != "cpu":
         outcomes = []
         for spec in specs:
@@ -233,9 +239,9 @@ def run_round(measure: Callable[[dict], dict], specs: list[dict]) -> list[tuple[
             torch.cuda.empty_cache()
         return outcomes
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: the environment set in main() applies
-    barrier, lock = context.Barrier(len(specs), timeout=1800), context.Lock()
-    with ProcessPoolExecutor(len(specs), mp_context=context, initializer=_join_round, initargs=(barrier, lock)) as pool:
-        futures = [pool.submit(_in_turn, measure, spec) for spec in specs]
+    shared = (context.Barrier(len(specs), timeout=1800), context.Condition(), context.Value("i", 0))
+    with ProcessPoolExecutor(len(specs), mp_context=context, initializer=_join_round, initargs=shared) as pool:
+        futures = [pool.submit(_in_turn, measure, spec, index) for index, spec in enumerate(specs)]
         return [_outcome(future.result, spec["name"]) for future, spec in zip(futures, specs)]
 
 
