@@ -4,36 +4,18 @@
     python -m modeling_ebt.bench generate [--quick] [--device cpu|cuda] [--json PATH] [--rows standard,compiled,long]
     python -m modeling_ebt.bench summary  PATH [PATH ...]    (one table of the rows of several --json files)
 
-How it measures
-- Time: `torch.utils.benchmark.timer`, the clock of `torch.utils.benchmark.Timer`, which synchronises the accelerator,
-  so CUDA work lands inside the timed region. Each call is timed on its own (Timer.timeit adds two warm-up calls per
-  measurement and blocked_autorange picks the count by time; these rows count steps and repetitions) and the times
-  are kept as `torch.utils.benchmark.Measurement`s: medians, and `Compare`'s table of the timed calls.
-- Memory: on CUDA, `torch.cuda.max_memory_allocated`, reset before each measured region; all rows run in this process.
-  On CPU, the peak resident set size (VmHWM, reset through /proc/self/clear_refs, after glibc's malloc_trim has returned
-  free heap), which torch does not give; so on CPU every configuration runs in its own process (a spawned
-  ProcessPoolExecutor, one task per configuration) and peaks never mix.
-- FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention, forward and backward), in an untimed run.
-  MFU (nanoGPT's estimate_mfu): FLOPs per token × tokens/s / the device's peak (`--peak-tflops`; by default NVIDIA's
-  dense figure for the GPU and dtype where known; none on CPU, where MFU is not printed).
-- Side by side: the rows compared with each other form a group; `--rounds R` measures every row of a group R times in
-  turn, so that the load of a noisy machine falls on all alike. Only ratios within a group meet the targets.
-- torch intra-op threads: `--threads` (default: all usable cores). OpenMP threads wait passively by default
-  (`--omp-wait-policy`): on a shared machine spinning threads lose their time slices at every parallel region.
+Time: the synchronising clock of torch.utils.benchmark, one call at a time, kept as `Measurement`s (medians, a
+`Compare` table). Memory: CUDA max_memory_allocated reset per region (all rows in this process), or on CPU the peak
+RSS, each configuration in its own process. FLOPs: FlopCounterMode, untimed; MFU over `--peak-tflops`. The rows of
+a group run in turn (`--rounds` times); only ratios within a group meet the targets. The README's "Benchmarks"
+section says what each row measures.
 
-train: a step = forward (energy descent with its second-order graph for the EBT), backward, gradient clipping (1.0),
-AdamW. Rows "ours", "ours+ckpt" (`activation_checkpointing_enable()`), "recompute" (the reference's way) per variant,
-and a same-size Llama. tokens/s = batch × seq / median step time; peak memory over the warm-up and timed steps; FLOPs
-per token of the first step, which starts from the same seed in every EBT row: its loss and energies are the sanity
-line (the modes compute the same function).
-
-generate: greedy decoding of exactly N new tokens. Per generated token = the marginal cost (t(1+N) − t(1)) / N, the
-1-token call (the prefill) reported on its own; tokens/s = batch × N / (t(1+N) − t(1)). Memory growth = peak during
-the call − memory before it. FLOPs are counted on one sequence, times the batch. Recompute rows generate fewer tokens
-(`--recompute-new-tokens`): their cost per token grows with the prefix, so fewer tokens understate it. A row repeats up
-to `--reps` times, until its timed calls took `--rep-budget` seconds. Row sets (`--rows`): standard (cached vs
-recompute vs Llama per prompt length and batch), compiled (`model.compile_energy()` vs eager at batch 1), long (full
-attention vs a sliding window, MHA vs GQA, at long contexts). A new row set is a `RowSet` in `GENERATE_ROW_SETS`.
+train: forward (energy descent with its second-order graph), backward, clipping, AdamW; rows ours, ours+ckpt,
+recompute per variant and one Llama; tokens/s = batch × seq / median step; the first step (same seed in every EBT
+row) gives FLOPs and the sanity line. generate: greedy, exactly N new tokens; per token = (t(1+N) − t(1)) / N, the
+1-token call (prefill) on its own; memory growth = peak during the call − before it. Row sets (`--rows`): standard,
+compiled (`model.compile_energy()` vs eager, batch 1), long (sliding window vs full attention); a new one is a
+`RowSet` in `GENERATE_ROW_SETS`.
 """
 
 from __future__ import annotations
