@@ -1,73 +1,99 @@
 """Speed and memory benchmarks: this implementation against the reference's way (recompute) and a same-size Llama.
 
-    python -m modeling_ebt.bench train    [--quick] [--json PATH] [--variants default,time_embed] ...
-    python -m modeling_ebt.bench generate [--quick] [--json PATH] [--variant default] ...
+    python -m modeling_ebt.bench train    [--quick] [--device cpu|cuda] [--json PATH] [--variants default,time_embed]
+    python -m modeling_ebt.bench generate [--quick] [--device cpu|cuda] [--json PATH] [--rows standard,compiled,long]
+    python -m modeling_ebt.bench summary  PATH [PATH ...]    (one table of the rows of several --json files)
 
-How it measures
-- Every configuration (one row of a table) runs in its own process (multiprocessing, spawn), so its peak RSS is its
-  own. The rows compared with each other form a *group*; a group's processes start together and are then driven in
-  turns, one timed repetition of each per round, so that the load of a noisy machine falls on all of them alike.
-  Only ratios within one group are compared with the targets.
-- Warm-up runs first; timings are medians over the timed repetitions (`time.perf_counter`, CPU ops are synchronous).
-  The git revision of the checkout is recorded at the start (and at the end, in case it changed during the run).
-- Peak RSS: `VmHWM` of /proc/self/status (resource.getrusage where that is missing). Writing "5" to
-  /proc/self/clear_refs resets it to the current RSS, which scopes a peak to a measured region.
-- FLOPs: `torch.utils.flop_counter.FlopCounterMode` (matmuls and attention kernels, forward and backward), in a
-  separate untimed run.
-- torch intra-op threads: `--threads` (default: all cores this process may use), set in every worker and reported.
-  OpenMP threads wait passively by default (`--omp-wait-policy`, exported as OMP_WAIT_POLICY to the workers): on a
-  machine shared with other processes, spin-waiting threads lose their time slices at every parallel region and
-  a model of small ops runs up to a hundred times slower, which says nothing about the model.
+Time: the synchronising clock of torch.utils.benchmark, one call at a time, kept as `Measurement`s (medians, a
+`Compare` table). Memory: CUDA max_memory_allocated reset per region (all rows in this process), or on CPU the peak
+RSS, each configuration in its own process. FLOPs: FlopCounterMode, untimed; MFU over `--peak-tflops`. The rows of
+a group run in turn (`--rounds` times); only ratios within a group meet the targets. The README's "Benchmarks"
+section says what each row measures.
 
-train: one training step = forward (energy descent with second-order graph for the EBT), backward, gradient
-clipping (1.0) and an AdamW step. Our rows: "ours" (the default) and "ours+ckpt" (`activation_checkpointing_enable()`:
-each descent step's graph is recomputed in the backward). tokens/s = batch × seq / median step time; peak RSS = the
-worker's peak over the warm-up and timed steps (model, optimizer state and activations included; free heap left by
-the untimed first step is returned first); FLOPs per token = FLOPs of forward + backward of one step / (batch × seq).
-The first step of each EBT worker starts from the same seed in every mode, so its loss and energies give the sanity
-line (the modes compute the same function).
-
-generate: greedy decoding of exactly N new tokens (no EOS). Per generated token means the marginal cost:
-(generating 1 + N tokens − generating 1 token) / N, so the prompt's prefill (= the 1-token generation) is reported on
-its own. tokens/s = batch × N / (t(1+N) − t(1)). Memory growth = peak RSS during the call − RSS before it (free heap
-memory is returned to the system with malloc_trim before each call, so the growth counts what the call touches).
-FLOPs are counted on one sequence and multiplied by the batch size (every op is linear in the batch). The recompute
-rows generate fewer new tokens (`--recompute-new-tokens`, default 4): each token costs a forward and backward over
-the whole prefix, and as that cost grows with the prefix, fewer tokens understate it (the ratios err against us).
-Each row repeats up to `--reps` times but stops once its timed runs took `--rep-budget` seconds (at least once); the
-table says how many repetitions each row used.
-
-Adding a row set to `generate` (e.g. long contexts): write a function returning groups of `GenCase`s and one
-returning `Target`s, register them in `GENERATE_ROW_SETS` as a `RowSet`, and select it with `--rows`.
+train: forward (energy descent with its second-order graph), backward, clipping, AdamW; rows ours, ours+ckpt,
+recompute per variant and one Llama; tokens/s = batch × seq / median step; the first step (same seed in every EBT
+row) gives FLOPs and the sanity line. generate: greedy, exactly N new tokens; per token = (t(1+N) − t(1)) / N, the
+1-token call (prefill) on its own; memory growth = peak during the call − before it. Row sets (`--rows`): standard,
+compiled (`model.compile_energy()` vs eager, batch 1), long (sliding window vs full attention); a new one is a
+`RowSet` in `GENERATE_ROW_SETS`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import math
 import multiprocessing
 import os
+import platform
 import re
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+
+import torch
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import presets
 
-# --- process measurements ---------------------------------------------------------------------------------------
+# --- sizes and models -------------------------------------------------------------------------------------------
 
-_STATUS = "/proc/self/status"
+VOCAB_SIZE = 257  # byte-level vocabulary
+# the shipped sizes (modeling_ebt.presets), plus "tiny" (2 layers of width 64) for the bench's own smoke tests
+SIZES = {"tiny": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+         **{name: presets.size_fields(name) for name in presets.size_names()}}
+VARIANTS = ("default", "time_embed")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _status_bytes(key: str) -> int | None:
+def ebt_config(size: str, variant: str, max_positions: int, **overrides) -> dict:
+    return dict(vocab_size=VOCAB_SIZE, **SIZES[size], max_position_embeddings=max_positions, mcmc_num_steps=2,
+                ebt_type=variant, **overrides)
+
+
+def llama_config(size: str, max_positions: int) -> dict:
+    return dict(vocab_size=VOCAB_SIZE, **SIZES[size], max_position_embeddings=max_positions)
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    """The spec's model on its device and dtype, from its seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_ebt import EBTConfig, EBTForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    model = (LlamaForCausalLM(LlamaConfig(**spec["config"])) if spec["model"] == "llama"
+             else EBTForCausalLM(EBTConfig(**spec["config"])))
+    return model.to(device=spec["device"], dtype=DTYPES[spec["dtype"]])
+
+
+def random_ids(spec: dict, shape: tuple[int, int], low: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(spec["seed"] + 1)
+    return torch.randint(low, VOCAB_SIZE, shape, generator=generator).to(spec["device"])
+
+
+def model_info(model) -> dict:
+    return dict(parameters=sum(p.numel() for p in model.parameters()),
+                attn_implementation=getattr(model.config, "_attn_implementation", None))
+
+
+# --- the device: memory, peak FLOP/s, where a configuration runs --------------------------------------------------
+
+
+def _proc_status_bytes(key: str) -> int | None:
     try:
-        with open(_STATUS) as f:
+        with open("/proc/self/status") as f:
             match = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
     except OSError:
         return None
@@ -76,15 +102,13 @@ def _status_bytes(key: str) -> int | None:
 
 def rss_bytes() -> int:
     """Current resident set size (0 where /proc is missing)."""
-    return _status_bytes("VmRSS") or 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
     """Peak resident set size since the process started or since the last `reset_peak_rss`."""
-    peak = _status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def reset_peak_rss() -> bool:
@@ -98,286 +122,128 @@ def reset_peak_rss() -> bool:
 
 
 def release_free_memory() -> None:
-    """Return free heap memory to the system (glibc), so that RSS measures live memory."""
+    """Return free heap memory to the system (glibc), so that RSS counts live memory."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+class PeakMemory:
+    """The peak memory of a region from `start()`: CUDA's max_memory_allocated, else the process's peak RSS."""
 
+    def __init__(self, device: str):
+        self.device, self.cuda, self.before, self.scoped = torch.device(device), device.startswith("cuda"), 0, False
 
-# --- models -----------------------------------------------------------------------------------------------------
-
-VOCAB_SIZE = 257  # byte-level vocabulary
-# the shipped sizes (configuration/sizes), plus "tiny" (2 layers of width 64) for the bench's own smoke tests
-SIZES = {"tiny": dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-         **{name: presets.size_fields(name) for name in presets.size_names()}}
-VARIANTS = ("default", "time_embed")
-
-
-def ebt_config(size: str, variant: str, max_positions: int, **overrides) -> dict:
-    return dict(vocab_size=VOCAB_SIZE, **SIZES[size], max_position_embeddings=max_positions, mcmc_num_steps=2,
-                ebt_type=variant, **overrides)
-
-
-def llama_config(size: str, max_positions: int, **overrides) -> dict:
-    return dict(vocab_size=VOCAB_SIZE, **SIZES[size], max_position_embeddings=max_positions, **overrides)
-
-
-def build_model(model: str, config: dict):
-    if model == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        return LlamaForCausalLM(LlamaConfig(**config))
-    from modeling_ebt import EBTConfig, EBTForCausalLM
-
-    return EBTForCausalLM(EBTConfig(**config))
-
-
-def _model_info(model) -> dict:
-    import torch
-
-    return dict(parameters=sum(p.numel() for p in model.parameters()),
-                attn_implementation=getattr(model.config, "_attn_implementation", None),
-                torch_threads=torch.get_num_threads(), torch_version=torch.__version__)
-
-
-# --- jobs: what a worker process runs ----------------------------------------------------------------------------
-
-
-class TrainJob:
-    """One training configuration: a model, its optimizer and one fixed batch."""
-
-    SANITY_SEED = 1234
-
-    def __init__(self, spec: dict):
-        import torch
-        import torch.utils.flop_counter  # noqa: F401  (slow first import, done while nothing is timed)
-
-        self.torch = torch
-        self.baseline_rss = rss_bytes()
-        torch.manual_seed(spec["seed"])
-        self.is_ebt = spec["model"] == "ebt"
-        self.model = build_model(spec["model"], spec["config"]).train()
-        if spec.get("checkpointing"):
-            self.model.activation_checkpointing_enable()
-        generator = torch.Generator().manual_seed(spec["seed"] + 1)
-        self.ids = torch.randint(0, VOCAB_SIZE, (spec["batch"], spec["seq"]), generator=generator)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"], weight_decay=0.01)
-        self.thinking = None
-        if self.is_ebt and spec["recompute"]:
-            from modeling_ebt import ThinkingConfig
-
-            self.thinking = ThinkingConfig(recompute=True)
-        self.peak_reset = False
-        self.info = _model_info(self.model)
-
-    def _forward(self):
-        if self.thinking is not None:
-            return self.model(self.ids, labels=self.ids, thinking=self.thinking)
-        return self.model(input_ids=self.ids, labels=self.ids)
-
-    def _update(self):
-        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _step(self) -> float:
-        out = self._forward()
-        out.loss.backward()
-        loss = out.loss.item()
-        del out
-        self._update()
-        return loss
-
-    def first_step(self) -> dict:
-        """The first training step, from a fixed seed, under the FLOP counter: FLOPs, loss and energies."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        self.torch.manual_seed(self.SANITY_SEED)
-        with FlopCounterMode(display=False) as counter:
-            out = self._forward()
-            out.loss.backward()
-        result = dict(flops=counter.get_total_flops(), loss=out.loss.item())
-        if self.is_ebt:
-            result["energies"] = out.energies.detach().clone()
-        del out
-        self._update()
-        return result
-
-    def start_peak(self) -> bool:
-        """Scope the peak RSS to what follows (warm-up and timed steps): free heap memory left by the untimed first
-        step (run under the FLOP counter) is returned to the system first, as before every generate call."""
-        release_free_memory()
-        self.peak_reset = reset_peak_rss()
-        return self.peak_reset
-
-    def warmup(self) -> float:
-        return self._step()
-
-    def timed_step(self) -> float:
-        start = time.perf_counter()
-        self._step()
-        return time.perf_counter() - start
-
-    def memory(self) -> dict:
-        return dict(peak_rss=peak_rss_bytes(), rss=rss_bytes(), baseline_rss=self.baseline_rss,
-                    peak_reset=self.peak_reset)
-
-
-class GenerateJob:
-    """One generation configuration: a model and a fixed prompt batch."""
-
-    def __init__(self, spec: dict):
-        import torch
-        import torch.utils.flop_counter  # noqa: F401  (slow first import, done while nothing is timed)
-
-        self.torch = torch
-        torch.manual_seed(spec["seed"])
-        self.model = build_model(spec["model"], spec["config"]).eval()
-        self.model.generation_config.eos_token_id = None
-        self.model.generation_config.pad_token_id = 0
-        generator = torch.Generator().manual_seed(spec["seed"] + 1)
-        self.ids = torch.randint(1, VOCAB_SIZE, (spec["batch"], spec["prompt_len"]), generator=generator)
-        self.new_tokens = spec["new_tokens"]
-        self.extra = dict(recompute=True) if spec["model"] == "ebt" and spec["recompute"] else {}
-        self.recompute = bool(self.extra)
-        self.short_warmup = self.recompute or spec.get("short_warmup", False)
-        self.extra.update(spec.get("generate_kwargs", {}))
-        self.info = _model_info(self.model)
-
-    def _generate(self, new_tokens: int, batch: int | None = None, prompt_len: int | None = None):
-        ids = self.ids[:batch, :prompt_len]
-        out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                  **self.extra)
-        if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
-            raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected "
-                               f"{(ids.shape[0], ids.shape[1] + new_tokens)}")
-        return out
-
-    def flops(self, tokens: list[int], batch: int) -> list[int]:
-        """FLOPs of generating each of `tokens` new tokens for the first `batch` prompts."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counts = []
-        for n in tokens:
-            with FlopCounterMode(display=False) as counter:
-                self._generate(n, batch)
-            counts.append(counter.get_total_flops())
-        return counts
-
-    def warmup(self) -> None:
-        """Recompute: one token from a short prompt (lazy initialisation; the full-size call is long). Otherwise a
-        full-size generation."""
-        if self.short_warmup:
-            self._generate(1, prompt_len=min(16, self.ids.shape[1]))
+    def start(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before, self.scoped = torch.cuda.memory_allocated(self.device), True
         else:
-            self._generate(1 + self.new_tokens)
+            release_free_memory()
+            self.before, self.scoped = rss_bytes(), reset_peak_rss()
 
-    def run(self, new_tokens: int) -> dict:
-        """Time one generation of `new_tokens` tokens and the peak RSS growth during it."""
-        release_free_memory()
-        before = rss_bytes()
-        scoped = reset_peak_rss()
-        start = time.perf_counter()
-        self._generate(new_tokens)
-        seconds = time.perf_counter() - start
-        return dict(seconds=seconds, growth=max(peak_rss_bytes() - before, 0), peak_reset=scoped)
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else peak_rss_bytes()
+
+    def growth(self) -> int:
+        return max(self.peak() - self.before, 0)
 
 
-JOBS = {"train": TrainJob, "generate": GenerateJob}
+# dense peak TFLOP/s (no sparsity) from NVIDIA's datasheets, matched in this order on the device name
+PEAK_TFLOPS = {"H200": dict(float32=67.0, bfloat16=989.0), "H100 PCIe": dict(float32=51.0, bfloat16=756.0),
+               "H100": dict(float32=67.0, bfloat16=989.0), "A100": dict(float32=19.5, bfloat16=312.0),
+               "L4": dict(float32=30.3, bfloat16=121.0)}
 
 
-def _worker_main(conn, spec: dict, threads: int) -> None:
-    """Entry point of a worker process: build the job, then answer commands until "stop"."""
-    import torch
+def default_peak_tflops(device: str, dtype: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peaks[dtype] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
 
-    torch.set_num_threads(threads)
+
+def mfu(flops_per_token, tokens_per_s, peak_tflops) -> float | None:
+    """Model FLOP utilisation: achieved FLOP/s over the peak."""
+    if not (flops_per_token and tokens_per_s and peak_tflops):
+        return None
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
+
+
+_ROUND = None  # in a worker process: the barrier, the condition and the turn counter of its round
+
+
+def _join_round(barrier, condition, turn) -> None:
+    global _ROUND
+    _ROUND = (barrier, condition, turn)
+
+
+def _in_turn(measure: Callable[[dict], dict], spec: dict, index: int) -> dict:
+    """In a worker: wait until every process of the round has started and the `index - 1` before it have measured,
+    then measure while the others wait."""
+    barrier, condition, turn = _ROUND
+    barrier.wait()
+    with condition:
+        condition.wait_for(lambda: turn.value == index)
     try:
-        job = JOBS[spec["job"]](spec)
-        conn.send(("ok", job.info))
-        while True:
-            command, kwargs = conn.recv()
-            if command == "stop":
-                break
-            conn.send(("ok", getattr(job, command)(**kwargs)))
-    except Exception as exc:  # reported to the parent, which marks the row as failed
-        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        log(f"{spec['name']}: measuring")
+        return measure(spec)
     finally:
-        conn.close()
+        gc.collect()
+        release_free_memory()  # the process idles until the round ends
+        with condition:
+            turn.value += 1
+            condition.notify_all()
 
 
-class Worker:
-    """Parent-side handle of one worker process. A failure (exception or death) is kept in `error`; later calls
-    then return None, so one failing configuration does not stop the others."""
-
-    def __init__(self, context, spec: dict, threads: int, name: str):
-        self.name, self.spec, self.error, self.info = name, spec, None, {}
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, spec, threads), daemon=True)
-        self.process.start()
-        child.close()
-
-    def _receive(self):
-        try:
-            status, payload = self.conn.recv()
-        except (EOFError, OSError):
-            self.process.join(10)
-            code = self.process.exitcode
-            hint = " (killed: out of memory?)" if code == -9 else ""
-            self.error = f"worker process died, exit code {code}{hint}"
-            return None
-        if status == "error":
-            self.error = payload.splitlines()[0]
-            print(f"[bench] {self.name} failed:\n{payload}", file=sys.stderr)
-            return None
-        return payload
-
-    def wait_ready(self) -> None:
-        self.info = self._receive() or {}
-
-    def call(self, command: str, **kwargs):
-        if self.error:
-            return None
-        try:
-            self.conn.send((command, kwargs))
-        except (BrokenPipeError, OSError):
-            return self._receive()
-        return self._receive()
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.conn.send(("stop", {}))
-            except (BrokenPipeError, OSError):
-                pass
-            self.process.join(30)
-            if self.process.is_alive():
-                self.process.terminate()
-                self.process.join(10)
-        self.conn.close()
+def _outcome(get_result: Callable[[], dict], name: str) -> tuple[dict | None, str | None]:
+    """(result, None) or (None, the error): a failing configuration is reported in its row, the others go on."""
+    try:
+        return get_result(), None
+    except BrokenProcessPool:
+        return None, "worker process died (killed: out of memory?)"
+    except Exception as exc:  # noqa: BLE001 - recorded in the row, with the traceback on stderr
+        cause = exc.__cause__ or exc  # a worker's traceback travels as the cause
+        print(f"[bench] {name} failed:\n{''.join(traceback.format_exception(cause))}", file=sys.stderr)
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def start_workers(specs: list[dict], names: list[str], threads: int) -> list[Worker]:
+def run_round(measure: Callable[[dict], dict], specs: list[dict]) -> list[tuple[dict | None, str | None]]:
+    """measure(spec) for every spec, one after the other. On CPU each in its own process, whose peak RSS is its own:
+    the processes start (import torch) together, then measure in the order of `specs`. On CUDA in this process
+    (peaks are reset per region)."""
+    if specs[0]["device"] != "cpu":
+        outcomes = []
+        for spec in specs:
+            outcomes.append(_outcome(lambda spec=spec: measure(spec), spec["name"]))
+            gc.collect()
+            torch.cuda.empty_cache()
+        return outcomes
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: the environment set in main() applies
-    workers = [Worker(context, spec, threads, name) for spec, name in zip(specs, names)]
-    for worker in workers:  # the processes import and build concurrently; nothing is timed yet
-        worker.wait_ready()
-    return workers
+    shared = (context.Barrier(len(specs), timeout=1800), context.Condition(), context.Value("i", 0))
+    with ProcessPoolExecutor(len(specs), mp_context=context, initializer=_join_round, initargs=shared) as pool:
+        futures = [pool.submit(_in_turn, measure, spec, index) for index, spec in enumerate(specs)]
+        return [_outcome(future.result, spec["name"]) for future, spec in zip(futures, specs)]
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = benchmark.timer()
+    fn()
+    return benchmark.timer() - start
+
+
+def measurement(times: list[float], label: str, sub_label: str, description: str, threads: int):
+    spec = benchmark.TaskSpec(stmt=label, setup="", label=label, sub_label=sub_label, description=description,
+                              num_threads=threads)
+    return benchmark.Measurement(number_per_run=1, raw_times=times, task_spec=spec)
 
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# --- targets and tables -----------------------------------------------------------------------------------------
+# --- targets, tables, records -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -401,9 +267,9 @@ class Target:
 
     def line(self) -> str:
         if self.threshold is None:
-            return f"{self.name:<58} {_fmt(self.value, '.3g'):>9}   (for comparison, no target)"
+            return f"{self.name:<58} {_fmt(self.value):>9}   (for comparison, no target)"
         status = {True: "PASS", False: "MISS", None: "n/a"}[self.passed]
-        return f"{self.name:<58} {_fmt(self.value, '.3g'):>9}   target {self.op} {self.threshold:<8.4g} {status}"
+        return f"{self.name:<58} {_fmt(self.value):>9}   target {self.op} {self.threshold:<8.4g} {status}"
 
 
 def ratio(a, b) -> float | None:
@@ -412,224 +278,266 @@ def ratio(a, b) -> float | None:
     return a / b
 
 
-def _fmt(value, spec: str = ".3g") -> str:
+def _fmt(value, spec: str = ".3g", scale: float = 1.0) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
-    return format(value, spec)
+    return format(value * scale, spec)
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells])
 
 
-def _gib(n) -> str:
-    return _fmt(n / 2**30 if n is not None else None, ".3f")
-
-
-def _mib(n) -> str:
-    return _fmt(n / 2**20 if n is not None else None, ".1f")
-
-
-def _finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _clean(obj):
-    """JSON-safe copy: NaN/inf become null, tuples lists."""
+def _json_safe(obj):
+    """NaN/inf become null, tuples lists."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return _finite_or_none(obj)
-
-
-def write_json(path: str | None, payload: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(_clean(payload), f, indent=2)
-        log(f"figures written to {path}")
+        return [_json_safe(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def source_revision() -> str | None:
     """The git commit of the checkout this module runs from ("+dirty" with local changes), None outside git."""
-    import subprocess
-
     here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*argv):
+        return subprocess.run(["git", *argv], cwd=here, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno", ".") else "")
     except (OSError, subprocess.SubprocessError):
         return None
-    return commit + ("+dirty" if dirty else "")
 
 
-def environment(threads: int, revision: str | None) -> dict:
-    import platform
-
-    import torch
+def environment(args, revision: str | None) -> dict:
     import transformers
 
-    return dict(torch_threads=threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-                source_revision=revision, source_revision_at_end=source_revision(), cpu_count=os.cpu_count(),
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
-                machine=platform.machine(), peak_reset_supported=reset_peak_rss())
+    cuda = args.device.startswith("cuda")
+    return dict(torch_threads=args.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), device=args.device,
+                device_name=torch.cuda.get_device_name(torch.device(args.device)) if cuda else platform.processor(),
+                dtype=args.dtype, peak_tflops=args.peak_tflops, memory="cuda max_memory_allocated" if cuda else
+                "peak RSS", source_revision=revision, source_revision_at_end=source_revision(),
+                cpu_count=os.cpu_count(), torch=torch.__version__, cuda=torch.version.cuda,
+                transformers=transformers.__version__, python=platform.python_version(), machine=platform.machine())
+
+
+def finish(command: str, args, start: float, revision, rows, targets, **extra) -> dict:
+    for target in targets:
+        print(target.line())
+    print(f"\nelapsed {time.time() - start:.0f} s")
+    payload = dict(command=command, args=vars(args), environment=environment(args, revision), rows=rows,
+                   targets=[t.as_dict() for t in targets], elapsed_s=time.time() - start, **extra)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_json_safe(payload), f, indent=2)
+        log(f"figures written to {args.json}")
+    return payload
+
+
+def memory_name(args) -> str:
+    return "CUDA memory" if args.device.startswith("cuda") else "RSS"
+
+
+def _spec(args, name: str, **fields) -> dict:
+    return dict(name=name, device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed, **fields)
 
 
 # --- train ------------------------------------------------------------------------------------------------------
 
-TRAIN_TARGETS = {  # variant: (min ours/recompute tokens/s, max ours/recompute peak RSS)
+TRAIN_TARGETS = {  # variant: (min ours/recompute tokens/s, max ours/recompute peak memory)
     "default": (1.5, 0.50),
     "time_embed": (1.2, 0.60),
 }
-TRAIN_LLAMA_TARGETS = (0.25, 3.4)  # min ours/Llama tokens/s, max ours/Llama peak RSS
+TRAIN_LLAMA_TARGETS = (0.25, 3.4)  # min ours/Llama tokens/s, max ours/Llama peak memory
+SANITY_SEED = 1234
 
 
-def _relative_difference(a, b) -> float:
+class TrainJob:
+    """One training configuration, in its worker: a model, its optimizer and one fixed batch."""
+
+    def __init__(self, spec: dict):
+        from modeling_ebt import ThinkingConfig
+
+        self.model = build_model(spec).train()
+        if spec["checkpointing"]:
+            self.model.activation_checkpointing_enable()
+        self.ids = random_ids(spec, (spec["batch"], spec["seq"]))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"], weight_decay=0.01)
+        self.extra = dict(thinking=ThinkingConfig(recompute=True)) if spec["recompute"] else {}
+
+    def forward(self):
+        return self.model(input_ids=self.ids, labels=self.ids, **self.extra)
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.forward().loss.backward()
+        self.update()
+
+    def first_step(self) -> dict:
+        """The first step, from the sanity seed, under the FLOP counter: its FLOPs, loss and energies."""
+        torch.manual_seed(SANITY_SEED)
+        with FlopCounterMode(display=False) as counter:
+            out = self.forward()
+            out.loss.backward()
+        energies = out.energies.detach().float().cpu() if getattr(out, "energies", None) is not None else None
+        first = dict(flops=counter.get_total_flops(), loss=out.loss.item(), energies=energies)
+        del out
+        self.update()
+        return first
+
+
+def measure_train(spec: dict) -> dict:
+    """First step (FLOPs, sanity), then the peak memory over the warm-up and timed steps."""
+    job = TrainJob(spec)
+    first = job.first_step()
+    memory = PeakMemory(spec["device"])
+    memory.start()
+    for _ in range(spec["warmup"]):
+        job.step()
+    times = [timed(job.step) for _ in range(spec["steps"])]
+    return dict(first=first, times=times, peak=memory.peak(), scoped=memory.scoped, info=model_info(job.model))
+
+
+def train_cases(variants: list[str], args) -> list[dict]:
+    group, positions = "+".join(variants), args.seq_len + 1
+    cases = [dict(label=label, model="ebt", variant=variant, config=ebt_config(args.size, variant, positions),
+                  recompute=label == "recompute", checkpointing=label == "ours+ckpt")
+             for variant in variants for label in ("ours", "ours+ckpt", "recompute")]
+    cases.append(dict(label="llama", model="llama", variant=None, config=llama_config(args.size, positions),
+                      recompute=False, checkpointing=False))
+    return [_spec(args, f"train {case['variant'] or group}/{case['label']}", group=group, batch=args.batch_size,
+                  seq=args.seq_len, lr=args.lr, steps=args.steps, warmup=args.warmup, **case) for case in cases]
+
+
+def train_row(spec: dict, outcomes: list, args) -> dict:
+    done = [result for result, _ in outcomes if result]
+    times = [t for result in done for t in result["times"]]
+    median = statistics.median(times) if times else None
+    tokens = args.batch_size * args.seq_len
+    tokens_per_s = tokens / median if median else None
+    flops = done[0]["first"]["flops"] / tokens if done else None
+    peak = max(result["peak"] for result in done) if done else None
+    cuda = args.device.startswith("cuda")
+    return dict(
+        group=spec["group"], label=spec["label"], model=spec["model"], variant=spec["variant"],
+        recompute=spec["recompute"], batch=args.batch_size, seq=args.seq_len, steps=len(times), rounds=len(done),
+        step_seconds=median, step_seconds_all=times, tokens_per_s=tokens_per_s, peak_memory=peak,
+        peak_rss=None if cuda else peak, peak_cuda=peak if cuda else None,
+        peak_reset=all(result["scoped"] for result in done) if done else None, flops_per_token=flops,
+        mfu=mfu(flops, tokens_per_s, args.peak_tflops), threads=args.threads, device=args.device, dtype=args.dtype,
+        parameters=done[0]["info"]["parameters"] if done else None,
+        attn_implementation=done[0]["info"]["attn_implementation"] if done else None,
+        error=next((error for _, error in outcomes if error), None))
+
+
+def relative_difference(a, b) -> float:
     """max |a − b| / max |b| (a scale-aware relative difference of tensors or numbers)."""
-    import torch
-
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def run_train_group(variants: list[str], args) -> tuple[list[dict], dict]:
-    """Ours and recompute for each variant, and one Llama, side by side. Returns the rows and, per variant, the
-    sanity figures (ours vs recompute on the first batch)."""
-    max_positions = args.seq_len + 1
-    group = "+".join(variants)
-    cases = []  # (label, model, variant, config, recompute)
-    for variant in variants:
-        config = ebt_config(args.size, variant, max_positions)
-        cases += [("ours", "ebt", variant, config, False), ("ours+ckpt", "ebt", variant, config, False),
-                  ("recompute", "ebt", variant, config, True)]
-    cases.append(("llama", "llama", None, llama_config(args.size, max_positions), False))
-    specs = [dict(job="train", model=model, config=config, recompute=recompute, batch=args.batch_size,
-                  seq=args.seq_len, seed=args.seed, lr=args.lr, checkpointing=label.endswith("+ckpt"))
-             for label, model, _, config, recompute in cases]
-    names = [f"train {variant or group}/{label}" for label, _, variant, *_ in cases]
-    log(f"train {group}: starting {len(specs)} workers")
-    workers = start_workers(specs, names, args.threads)
-    try:
-        first = []
-        for worker in workers:
-            log(f"{worker.name}: first step (FLOP count, sanity)")
-            first.append(worker.call("first_step"))
-        for worker in workers:
-            worker.call("start_peak")
-            for _ in range(args.warmup):
-                log(f"{worker.name}: warm-up step")
-                worker.call("warmup")
-        times = [[] for _ in workers]
-        for step in range(args.steps):
-            for worker, record in zip(workers, times):
-                seconds = worker.call("timed_step")
-                if seconds is not None:
-                    record.append(seconds)
-                    log(f"{worker.name}: step {step + 1}/{args.steps} {seconds:.2f} s")
-        memory = [worker.call("memory") or {} for worker in workers]
-    finally:
-        for worker in workers:
-            worker.close()
-    tokens = args.batch_size * args.seq_len
-    rows = []
-    for (label, model, variant, _, recompute), worker, record, mem, head in zip(cases, workers, times, memory, first):
-        median = statistics.median(record) if record else None
-        rows.append(dict(
-            group=group, label=label, model=model, variant=variant, recompute=recompute, batch=args.batch_size,
-            seq=args.seq_len, steps=len(record), step_seconds=median, step_seconds_all=record,
-            tokens_per_s=tokens / median if median else None, peak_rss=mem.get("peak_rss"),
-            baseline_rss=mem.get("baseline_rss"), peak_reset=mem.get("peak_reset"),
-            flops_per_token=head["flops"] / tokens if head else None, threads=args.threads,
-            parameters=worker.info.get("parameters"), attn_implementation=worker.info.get("attn_implementation"),
-            error=worker.error))
-    sanity = {}
-    for variant in variants:
-        ours, ckpt, rec = (head for (label, _, v, *_), head in zip(cases, first) if v == variant)
-        entry = dict(loss_rel_diff=None, energies_rel_diff=None, max_rel_diff=None)
-        if ours and rec:
-            entry = dict(loss_rel_diff=_relative_difference(ours["loss"], rec["loss"]),
-                         energies_rel_diff=_relative_difference(ours["energies"], rec["energies"]),
-                         energies_rel_diff_per_step=[_relative_difference(a, b)
-                                                     for a, b in zip(ours["energies"], rec["energies"])],
-                         loss_ours=ours["loss"], loss_recompute=rec["loss"])
-            entry["max_rel_diff"] = max(entry["loss_rel_diff"], entry["energies_rel_diff"])
-        # activation checkpointing recomputes the same function from the same seed: the same loss
-        entry["checkpointing_loss_rel_diff"] = (_relative_difference(ckpt["loss"], ours["loss"]) if ours and ckpt
-                                                else None)
-        sanity[variant] = entry
-    return rows, sanity
+def train_sanity(firsts: dict[str, dict | None]) -> dict:
+    """Ours against recompute (loss and energies of the first step) and against checkpointing (loss)."""
+    ours, ckpt, rec = firsts.get("ours"), firsts.get("ours+ckpt"), firsts.get("recompute")
+    entry = dict(loss_rel_diff=None, energies_rel_diff=None, max_rel_diff=None, checkpointing_loss_rel_diff=None)
+    if ours and rec:
+        entry.update(loss_rel_diff=relative_difference(ours["loss"], rec["loss"]),
+                     energies_rel_diff=relative_difference(ours["energies"], rec["energies"]),
+                     energies_rel_diff_per_step=[relative_difference(a, b)
+                                                 for a, b in zip(ours["energies"], rec["energies"])],
+                     loss_ours=ours["loss"], loss_recompute=rec["loss"])
+        entry["max_rel_diff"] = max(entry["loss_rel_diff"], entry["energies_rel_diff"])
+    if ours and ckpt:  # checkpointing recomputes the same function from the same seed
+        entry["checkpointing_loss_rel_diff"] = relative_difference(ckpt["loss"], ours["loss"])
+    return entry
 
 
-def train_targets(variant: str, rows: list[dict], mode: str = "ours") -> list[Target]:
-    """The targets for one of our modes: "ours" (the default) or "ours+ckpt" (activation checkpointing)."""
+def run_rounds(measure, specs: list[dict], rounds: int) -> list[list]:
+    """Every spec `rounds` times, the rows of a round in turn; per spec the list of (result, error)."""
+    outcomes = [[] for _ in specs]
+    for round_index in range(rounds):
+        log(f"{specs[0]['name']} and {len(specs) - 1} more: round {round_index + 1}/{rounds}")
+        for record, outcome in zip(outcomes, run_round(measure, specs)):
+            record.append(outcome)
+    return outcomes
+
+
+def run_train_group(variants: list[str], args) -> tuple[list[dict], dict, list]:
+    specs = train_cases(variants, args)
+    outcomes = run_rounds(measure_train, specs, args.rounds)
+    rows = [train_row(spec, record, args) for spec, record in zip(specs, outcomes)]
+    sanity = {variant: train_sanity({spec["label"]: record[0][0] and record[0][0]["first"]
+                                     for spec, record in zip(specs, outcomes) if spec["variant"] == variant})
+              for variant in variants}
+    timings = [measurement(row["step_seconds_all"], "train step", row["label"], row["variant"] or "llama",
+                           args.threads) for row in rows if row["step_seconds_all"]]
+    return rows, sanity, timings
+
+
+def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> list[Target]:
+    """The targets of one of our modes: "ours" (the default) or "ours+ckpt" (activation checkpointing)."""
     def row(label, variant):
         return next((r for r in rows if r["label"] == label and r["variant"] == variant and not r["error"]), {})
 
     ours, rec, llama = row(mode, variant), row("recompute", variant), row("llama", None)
     speed, memory = TRAIN_TARGETS[variant]
+    peak = f"peak {memory_name(args)}"
     return [
         Target(f"{variant}: {mode}/recompute tokens/s", ratio(ours.get("tokens_per_s"), rec.get("tokens_per_s")),
                ">=", speed),
-        Target(f"{variant}: {mode}/recompute peak RSS", ratio(ours.get("peak_rss"), rec.get("peak_rss")), "<=",
+        Target(f"{variant}: {mode}/recompute {peak}", ratio(ours.get("peak_memory"), rec.get("peak_memory")), "<=",
                memory),
         Target(f"{variant}: {mode}/Llama tokens/s", ratio(ours.get("tokens_per_s"), llama.get("tokens_per_s")),
                ">=", TRAIN_LLAMA_TARGETS[0]),
-        Target(f"{variant}: {mode}/Llama peak RSS", ratio(ours.get("peak_rss"), llama.get("peak_rss")), "<=",
+        Target(f"{variant}: {mode}/Llama {peak}", ratio(ours.get("peak_memory"), llama.get("peak_memory")), "<=",
                TRAIN_LLAMA_TARGETS[1]),
     ]
 
 
-def cmd_train(args) -> dict:
-    start, revision = time.time(), source_revision()
-    rows, targets, sanity = [], [], {}
-    # One group per variant keeps the memory of the idle workers of a group within RAM at full size (each holds its
-    # heap between steps); `--one-group` (the quick preset) measures all rows side by side with a single Llama.
-    groups = [args.variants] if args.one_group else [[v] for v in args.variants]
-    for variants in groups:
-        group_rows, group_sanity = run_train_group(variants, args)
-        rows += group_rows
-        sanity.update(group_sanity)
-        for variant in variants:
-            targets += train_targets(variant, group_rows) + train_targets(variant, group_rows, "ours+ckpt")
-    header = (f"bench train: size {args.size}, batch {args.batch_size} × seq {args.seq_len}, 2 descent steps, "
-              f"AdamW step included; torch threads {args.threads} (OMP_WAIT_POLICY {args.omp_wait_policy}); "
-              f"{args.warmup} warm-up + {args.steps} timed steps "
-              f"per row (median); the rows of a group run interleaved, "
-              f"groups: {'one' if args.one_group else 'one per variant, each with its own Llama'}")
-    table = format_table(
-        ["group", "mode", "tokens/s", "step s", "peak RSS GiB", "GFLOP/token", "steps", "attn", "error"],
-        [[r["variant"] or r["group"], r["label"], _fmt(r["tokens_per_s"], ".1f"), _fmt(r["step_seconds"], ".2f"),
-          _gib(r["peak_rss"]), _fmt(r["flops_per_token"] / 1e9 if r["flops_per_token"] else None, ".4f"),
-          r["steps"], r["attn_implementation"] or "-", r["error"] or ""] for r in rows])
-    print(header + f"; source {revision or 'unknown'}")
-    print(table)
+def print_train(rows: list[dict], sanity: dict, timings: list, args, revision) -> None:
+    print(f"bench train: size {args.size}, batch {args.batch_size} × seq {args.seq_len}, 2 descent steps, AdamW step "
+          f"included; {args.device} {args.dtype}, torch threads {args.threads} (OMP_WAIT_POLICY "
+          f"{args.omp_wait_policy}); {args.warmup} warm-up + {args.steps} timed steps per row and round, "
+          f"{args.rounds} round(s), rows of a group in turn; source {revision or 'unknown'}")
+    benchmark.Compare(timings).print()
+    print(format_table(
+        ["group", "mode", "tokens/s", "step s", f"peak {memory_name(args)} GiB", "GFLOP/token", "MFU", "steps",
+         "attn", "error"],
+        [[r["variant"] or r["group"], r["label"], _fmt(r["tokens_per_s"], ".1f"), _fmt(r["step_seconds"], ".3g"),
+          _fmt(r["peak_memory"], ".3f", 2**-30), _fmt(r["flops_per_token"], ".4f", 1e-9), _fmt(r["mfu"], ".2%"),
+          r["steps"], r["attn_implementation"] or "-", r["error"] or ""] for r in rows]))
     print()
     for variant, s in sanity.items():
         steps = ", ".join(_fmt(d, ".1e") for d in s.get("energies_rel_diff_per_step") or [])
         print(f"sanity ({variant}): max relative difference ours vs recompute on the first batch: loss "
-              f"{_fmt(s.get('loss_rel_diff'), '.2e')}, energies {_fmt(s.get('energies_rel_diff'), '.2e')} "
-              f"(per descent step: {steps}; each step amplifies float32 round-off); loss with activation "
-              f"checkpointing vs without {_fmt(s.get('checkpointing_loss_rel_diff'), '.2e')}")
+              f"{_fmt(s['loss_rel_diff'], '.2e')}, energies {_fmt(s['energies_rel_diff'], '.2e')} (per descent "
+              f"step: {steps}; each step amplifies float32 round-off); loss with activation checkpointing vs without "
+              f"{_fmt(s['checkpointing_loss_rel_diff'], '.2e')}")
     print()
-    for target in targets:
-        print(target.line())
-    print(f"\nelapsed {time.time() - start:.0f} s")
-    payload = dict(command="train", args=vars(args), environment=environment(args.threads, revision), rows=rows,
-                   sanity=sanity, targets=[t.as_dict() for t in targets], elapsed_s=time.time() - start)
-    write_json(args.json, payload)
-    return payload
+
+
+def cmd_train(args) -> dict:
+    """Every variant's rows and one Llama, as one group."""
+    start, revision = time.time(), source_revision()
+    rows, sanity, timings = run_train_group(args.variants, args)
+    targets = [target for variant in args.variants for mode in ("ours", "ours+ckpt")
+               for target in train_targets(variant, rows, args, mode)]
+    print_train(rows, sanity, timings, args, revision)
+    return finish("train", args, start, revision, rows, targets, sanity=sanity)
 
 
 # --- generate ---------------------------------------------------------------------------------------------------
+
+COMPILE_MISSING = "skipped: this modeling_ebt has no EBTForCausalLM.compile_energy()"
 
 
 @dataclass
@@ -645,6 +553,7 @@ class GenCase:
     new_tokens: int
     reps: int
     recompute: bool = False
+    compiled: bool = False  # model.compile_energy() before the warm-up
     extra: dict = field(default_factory=dict)  # anything a row set wants to carry into its rows and targets
     generate_kwargs: dict = field(default_factory=dict)  # passed to `generate` (e.g. prefill_chunk_size)
     count_flops: bool = True
@@ -653,6 +562,66 @@ class GenCase:
     def flop_key(self) -> str:
         """FLOPs per sequence are shared by the rows that differ only in batch size."""
         return json.dumps([self.model, self.config, self.recompute, self.prompt_len, self.new_tokens], sort_keys=True)
+
+    def spec(self, args, count_flops: bool) -> dict:
+        fields = {k: getattr(self, k) for k in ("model", "config", "prompt_len", "batch", "new_tokens", "reps",
+                                                "recompute", "compiled", "generate_kwargs", "short_warmup")}
+        return _spec(args, f"{self.group}/{self.label}", count_flops=count_flops, rep_budget=args.rep_budget,
+                     **fields)
+
+
+class GenerateJob:
+    """One generation configuration, in its worker: a model and a fixed prompt batch."""
+
+    def __init__(self, spec: dict):
+        self.model = build_model(spec).eval()
+        self.model.generation_config.eos_token_id = None
+        self.model.generation_config.pad_token_id = 0
+        self.ids = random_ids(spec, (spec["batch"], spec["prompt_len"]), low=1)
+        self.kwargs = dict(recompute=True, **spec["generate_kwargs"]) if spec["recompute"] else spec["generate_kwargs"]
+
+    def generate(self, new_tokens: int, batch: int | None = None, prompt_len: int | None = None) -> None:
+        ids = self.ids[:batch, :prompt_len]
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                  **self.kwargs)
+        if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
+            raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected "
+                               f"{(ids.shape[0], ids.shape[1] + new_tokens)}")
+
+    def flops(self, tokens: list[int]) -> list[int]:
+        """FLOPs of generating each of `tokens` new tokens for the first prompt."""
+        counts = []
+        for n in tokens:
+            with FlopCounterMode(display=False) as counter:
+                self.generate(n, batch=1)
+            counts.append(counter.get_total_flops())
+        return counts
+
+
+def measure_generate(spec: dict) -> dict:
+    """FLOPs (untimed), warm-up, then per repetition the 1-token and the (1+N)-token call with their memory growth."""
+    job = GenerateJob(spec)
+    if spec["compiled"]:
+        if not hasattr(job.model, "compile_energy"):
+            return dict(skipped=COMPILE_MISSING)
+        job.model = job.model.compile_energy() or job.model
+    n = spec["new_tokens"]
+    flops = job.flops([1, 1 + n]) if spec["count_flops"] else None
+    for _ in range(2 if spec["compiled"] else 1):  # a compiled model may recompile once for dynamic shapes
+        if spec["short_warmup"]:  # one token from a short prompt: lazy initialisation (the full-size call is long)
+            job.generate(1, prompt_len=16)
+        else:
+            job.generate(1 + n)
+    memory, calls = PeakMemory(spec["device"]), {1: [], 1 + n: []}
+    for _ in range(spec["reps"]):
+        for tokens, record in calls.items():
+            memory.start()
+            seconds = timed(lambda tokens=tokens: job.generate(tokens))
+            record.append(dict(seconds=seconds, growth=memory.growth(), scoped=memory.scoped))
+        if sum(r["seconds"] for record in calls.values() for r in record) >= spec["rep_budget"]:
+            break
+    return dict(first=calls[1], full=calls[1 + n], flops=flops, info=model_info(job.model))
 
 
 @dataclass
@@ -664,41 +633,44 @@ class RowSet:
     description: str = ""
 
 
+def _positions(args, longest: int) -> int:
+    return max(args.max_positions, longest + 1)
+
+
 def standard_groups(args) -> list[list[GenCase]]:
     """Cached vs recompute vs same-size Llama, per (prompt length, batch size)."""
-    longest = max(args.prompt_lengths) + max(args.new_tokens, args.recompute_new_tokens) + 1
-    max_positions = max(args.max_positions, longest)
+    positions = _positions(args, max(args.prompt_lengths) + max(args.new_tokens, args.recompute_new_tokens))
+    config = ebt_config(args.size, args.variant, positions)
     groups = []
     for batch in sorted(args.batch_sizes):  # batch 1 first: its FLOP counts serve the larger batches
         for prompt in args.prompt_lengths:
-            group = f"standard p{prompt} b{batch}"
-            config = ebt_config(args.size, args.variant, max_positions)
-            common = dict(group=group, prompt_len=prompt, batch=batch)
+            common = dict(group=f"standard p{prompt} b{batch}", prompt_len=prompt, batch=batch, reps=args.reps)
             groups.append([
-                GenCase(label="cached", model="ebt", config=config, new_tokens=args.new_tokens, reps=args.reps,
-                        **common),
+                GenCase(label="cached", model="ebt", config=config, new_tokens=args.new_tokens, **common),
                 GenCase(label="recompute", model="ebt", config=config, new_tokens=args.recompute_new_tokens,
-                        reps=args.reps, recompute=True, **common),
-                GenCase(label="llama", model="llama", config=llama_config(args.size, max_positions),
-                        new_tokens=args.new_tokens, reps=args.reps, **common),
+                        recompute=True, short_warmup=True, **common),
+                GenCase(label="llama", model="llama", config=llama_config(args.size, positions),
+                        new_tokens=args.new_tokens, **common),
             ])
     return groups
 
 
 def _find(rows: list[dict], **match) -> dict | None:
-    for row in rows:
-        if all(row.get(k) == v for k, v in match.items()) and not row.get("error"):
-            return row
-    return None
+    return next((row for row in rows if all(row.get(k) == v for k, v in match.items()) and not row.get("error")),
+                None)
+
+
+def _pair(rows, rowset, ours, other, key, **match) -> float | None:
+    """ratio of `key` between the rows labelled `ours` and `other` that share `match`."""
+    a, b = _find(rows, rowset=rowset, label=ours, **match), _find(rows, rowset=rowset, label=other, **match)
+    return ratio(a and a[key], b and b[key])
 
 
 def standard_targets(rows: list[dict], args) -> list[Target]:
     targets = []
     for batch in sorted(args.batch_sizes):
         def pair(label, prompt, key, batch=batch):
-            ours = _find(rows, rowset="standard", label="cached", prompt_len=prompt, batch=batch)
-            other = _find(rows, rowset="standard", label=label, prompt_len=prompt, batch=batch)
-            return ratio(ours and ours[key], other and other[key])
+            return _pair(rows, "standard", "cached", label, key, prompt_len=prompt, batch=batch)
 
         if 256 in args.prompt_lengths:
             targets.append(Target(f"p256 b{batch}: cached/recompute FLOPs per token",
@@ -716,16 +688,31 @@ def standard_targets(rows: list[dict], args) -> list[Target]:
     return targets
 
 
+def compiled_groups(args) -> list[list[GenCase]]:
+    """`model.compile_energy()` against eager, batch 1, per prompt length (timed after a warm-up that compiles)."""
+    config = ebt_config(args.size, args.variant, _positions(args, max(args.prompt_lengths) + args.new_tokens))
+    return [[GenCase(group=f"compiled p{prompt} b1", label=label, model="ebt", config=config, prompt_len=prompt,
+                     batch=1, new_tokens=args.new_tokens, reps=args.reps, compiled=label == "compiled",
+                     count_flops=label == "eager") for label in ("eager", "compiled")]
+            for prompt in args.prompt_lengths]
+
+
+def compiled_targets(rows: list[dict], args) -> list[Target]:
+    return [Target(f"p{prompt} b1: compiled/eager tokens/s",
+                   _pair(rows, "compiled", "compiled", "eager", "tokens_per_s", prompt_len=prompt), ">=", 1.5)
+            for prompt in args.prompt_lengths]
+
+
 def long_context_groups(args) -> list[list[GenCase]]:
     """Per context length: full attention vs a sliding window, each with MHA and GQA; batch 1, cached generation,
     the prompt prefilled in chunks of `--window` tokens (so a windowed model never holds more than O(window))."""
-    max_positions = max(args.long_contexts) + args.long_new_tokens + 1
+    positions = max(args.long_contexts) + args.long_new_tokens + 1
     groups = []
     for context in args.long_contexts:
         cases = []
         for attention, window in (("full", None), (f"window {args.window}", args.window)):
             for heads, kv_heads in (("MHA", None), (f"GQA kv{args.gqa_kv_heads}", args.gqa_kv_heads)):
-                config = ebt_config(args.size, args.variant, max_positions, sliding_window=window,
+                config = ebt_config(args.size, args.variant, positions, sliding_window=window,
                                     num_key_value_heads=kv_heads)
                 cases.append(GenCase(
                     group=f"long c{context}", label=f"{attention} {heads}", model="ebt", config=config,
@@ -737,8 +724,8 @@ def long_context_groups(args) -> list[list[GenCase]]:
 
 
 def long_context_targets(rows: list[dict], args) -> list[Target]:
-    """With the window: per-token time at 8K within 1.5× of 512, memory growth flat from 512 to the longest context
-    (full attention's ratios are printed beside them, with no target)."""
+    """With the window: per-token time at 8K within 1.5× of the shortest context, memory growth flat up to the
+    longest (full attention's ratios are printed beside them, with no target)."""
     targets, first, longest = [], min(args.long_contexts), max(args.long_contexts)
     for label in sorted({r["label"] for r in rows}):
         def at(context, key, label=label):
@@ -759,66 +746,68 @@ def long_context_targets(rows: list[dict], args) -> list[Target]:
 GENERATE_ROW_SETS: dict[str, RowSet] = {
     "standard": RowSet(standard_groups, standard_targets,
                        "cached vs recompute vs same-size Llama at each prompt length and batch size"),
+    "compiled": RowSet(compiled_groups, compiled_targets, "model.compile_energy() vs eager at batch 1"),
     "long": RowSet(long_context_groups, long_context_targets,
                    "long contexts: full attention vs sliding window, MHA vs GQA (per-token time and memory)"),
 }
 
 
+def generate_row(case: GenCase, outcomes: list, rowset: str, args, flops) -> dict:
+    done = [result for result, _ in outcomes if result and "skipped" not in result]
+    flops = flops if done else None
+    first = [r for result in done for r in result["first"]]
+    full = [r for result in done for r in result["full"]]
+    n, batch = case.new_tokens, case.batch
+    t1 = statistics.median(r["seconds"] for r in first) if first else None
+    step = (statistics.median(r["seconds"] for r in full) - t1) / n if full else None
+    step = step if step and step > 0 else None  # noise swamped the difference: nothing rather than nonsense
+    tokens_per_s, flops_per_token = batch / step if step else None, (flops[1] - flops[0]) / n if flops else None
+    return dict(
+        rowset=rowset, group=case.group, label=case.label, model=case.model, recompute=case.recompute,
+        compiled=case.compiled, variant=case.config.get("ebt_type"), prompt_len=case.prompt_len, batch=batch,
+        new_tokens=n, reps=len(full), threads=args.threads, device=args.device, dtype=args.dtype,
+        tokens_per_s=tokens_per_s, seconds_per_step=step, flops_per_token=flops_per_token,
+        mfu=mfu(flops_per_token, tokens_per_s, args.peak_tflops), prefill_seconds=t1,
+        prefill_flops=flops[0] * batch if flops else None,
+        mem_growth=max(r["growth"] for r in full) if full else None,
+        prefill_mem_growth=max(r["growth"] for r in first) if first else None,
+        seconds_1=[r["seconds"] for r in first], seconds_n=[r["seconds"] for r in full],
+        peak_reset=all(r["scoped"] for r in first + full) if full else None,
+        attn_implementation=done[0]["info"]["attn_implementation"] if done else None,
+        skipped=next((result["skipped"] for result, _ in outcomes if result and "skipped" in result), None),
+        error=next((error for _, error in outcomes if error), None), **case.extra)
+
+
 def run_generate_group(cases: list[GenCase], rowset: str, args, flop_cache: dict) -> list[dict]:
-    specs = [dict(job="generate", model=c.model, config=c.config, recompute=c.recompute, batch=c.batch,
-                  prompt_len=c.prompt_len, new_tokens=c.new_tokens, seed=args.seed, short_warmup=c.short_warmup,
-                  generate_kwargs=c.generate_kwargs) for c in cases]
-    names = [f"{c.group}/{c.label}" for c in cases]
-    log(f"{cases[0].group}: starting {len(specs)} workers")
-    workers = start_workers(specs, names, args.threads)
-    try:
-        for case, worker in zip(cases, workers):
-            key = case.flop_key()
-            if case.count_flops and key not in flop_cache:
-                log(f"{worker.name}: counting FLOPs (1 sequence, 1 and {1 + case.new_tokens} tokens)")
-                flop_cache[key] = worker.call("flops", tokens=[1, 1 + case.new_tokens], batch=1)
-        for worker in workers:
-            log(f"{worker.name}: warm-up")
-            worker.call("warmup")
-        runs = [([], []) for _ in cases]
-        spent = [0.0 for _ in cases]  # timed seconds per row; a row stops repeating past --rep-budget
-        for rep in range(max(c.reps for c in cases)):
-            for i, (case, worker, (first, full)) in enumerate(zip(cases, workers, runs)):
-                if rep >= case.reps or (rep > 0 and spent[i] >= args.rep_budget):
-                    continue
-                one = worker.call("run", new_tokens=1)
-                many = worker.call("run", new_tokens=1 + case.new_tokens)
-                if one and many:
-                    first.append(one)
-                    full.append(many)
-                    spent[i] += one["seconds"] + many["seconds"]
-                    log(f"{worker.name}: rep {rep + 1}/{case.reps}: 1 token {one['seconds']:.2f} s, "
-                        f"{1 + case.new_tokens} tokens {many['seconds']:.2f} s")
-    finally:
-        for worker in workers:
-            worker.close()
-    rows = []
-    for case, worker, (first, full) in zip(cases, workers, runs):
-        n, batch = case.new_tokens, case.batch
-        t1 = statistics.median(r["seconds"] for r in first) if first else None
-        tn = statistics.median(r["seconds"] for r in full) if full else None
-        step = (tn - t1) / n if first and full else None
-        if step is not None and step <= 0:
-            step = None  # noise swamped the difference: report nothing rather than nonsense
-        flops = flop_cache.get(case.flop_key())
-        rows.append(dict(
-            rowset=rowset, group=case.group, label=case.label, model=case.model, recompute=case.recompute,
-            variant=case.config.get("ebt_type"), prompt_len=case.prompt_len, batch=batch, new_tokens=n,
-            reps=len(full), threads=args.threads,
-            tokens_per_s=batch / step if step else None, seconds_per_step=step,
-            flops_per_token=(flops[1] - flops[0]) / n if flops else None,
-            prefill_seconds=t1, prefill_flops=flops[0] * batch if flops else None,
-            mem_growth=max(r["growth"] for r in full) if full else None,
-            prefill_mem_growth=max(r["growth"] for r in first) if first else None,
-            seconds_1=[r["seconds"] for r in first], seconds_n=[r["seconds"] for r in full],
-            peak_reset=all(r["peak_reset"] for r in first + full) if full else None,
-            attn_implementation=worker.info.get("attn_implementation"), error=worker.error, **case.extra))
-    return rows
+    specs = [case.spec(args, count_flops=case.count_flops and case.flop_key() not in flop_cache) for case in cases]
+    outcomes = run_rounds(measure_generate, specs, args.rounds)
+    for case, record in zip(cases, outcomes):
+        counted = next((result["flops"] for result, _ in record if result and result.get("flops")), None)
+        if counted:
+            flop_cache[case.flop_key()] = counted
+    return [generate_row(case, record, rowset, args, flop_cache.get(case.flop_key()))
+            for case, record in zip(cases, outcomes)]
+
+
+def print_generate(rows: list[dict], args, revision) -> None:
+    print(f"bench generate: size {args.size}, variant {args.variant}, 2 descent steps, greedy; {args.device} "
+          f"{args.dtype}, torch threads {args.threads} (OMP_WAIT_POLICY {args.omp_wait_policy}); source "
+          f"{revision or 'unknown'}.\nPer generated token = marginal cost (t(1+new) - t(1)) / new, medians over "
+          f"`reps`; tok/s = batch * new / (t(1+new) - t(1)); FLOPs counted on one sequence, times the batch;\nmem "
+          f"growth = peak {memory_name(args)} during the (1+new)-token call - before it (max over reps). Rows repeat "
+          f"up to {args.reps} times, until their timed calls took {args.rep_budget:g} s, {args.rounds} round(s); "
+          f"recompute rows generate {args.recompute_new_tokens} new tokens (fewer tokens understate their cost).")
+    timed_rows = [r for r in rows if r["seconds_n"]]
+    benchmark.Compare([measurement(r["seconds_n"], "generate: the (1+new)-token call", r["group"], r["label"],
+                                   args.threads) for r in timed_rows]).print()
+    print(format_table(
+        ["group", "mode", "prompt", "batch", "new", "reps", "tok/s", "ms/token-step", "MFLOP/token", "MFU",
+         "mem growth MiB", "prefill s", "prefill MiB", "error / note"],
+        [[r["group"], r["label"], r["prompt_len"], r["batch"], r["new_tokens"], r["reps"], _fmt(r["tokens_per_s"]),
+          _fmt(r["seconds_per_step"], ".1f", 1e3), _fmt(r["flops_per_token"], ".1f", 1e-6), _fmt(r["mfu"], ".2%"),
+          _fmt(r["mem_growth"], ".1f", 2**-20), _fmt(r["prefill_seconds"], ".3f"),
+          _fmt(r["prefill_mem_growth"], ".1f", 2**-20), r["error"] or r["skipped"] or ""] for r in rows]))
+    print()
 
 
 def cmd_generate(args) -> dict:
@@ -826,39 +815,45 @@ def cmd_generate(args) -> dict:
     rows, targets, flop_cache = [], [], {}
     for name in args.rows:
         rowset = GENERATE_ROW_SETS[name]
-        set_rows = []
-        for cases in rowset.groups(args):
-            set_rows += run_generate_group(cases, name, args, flop_cache)
+        set_rows = [row for cases in rowset.groups(args) for row in run_generate_group(cases, name, args, flop_cache)]
         rows += set_rows
         targets += rowset.targets(set_rows, args)
-    print(f"bench generate: size {args.size}, variant {args.variant}, 2 descent steps, greedy; torch threads "
-          f"{args.threads} (OMP_WAIT_POLICY {args.omp_wait_policy}); source {revision or 'unknown'}.\n"
-          f"Per generated token = marginal cost (t(1+new) - t(1)) / new, medians over `reps`; tok/s = batch * new / "
-          f"(t(1+new) - t(1));\nFLOPs counted on one sequence, times the batch; mem growth = peak RSS during the "
-          f"(1+new)-token call - RSS before it (max over reps).\nRows repeat up to {args.reps} times, until their "
-          f"timed runs took {args.rep_budget:g} s; recompute rows generate {args.recompute_new_tokens} new tokens "
-          f"(their cost per token grows with the prefix: fewer tokens understate it).")
-    print(format_table(
-        ["group", "mode", "prompt", "batch", "new", "reps", "tok/s", "ms/token-step", "MFLOP/token",
-         "mem growth MiB", "error"],
-        [[r["group"], r["label"], r["prompt_len"], r["batch"], r["new_tokens"], r["reps"], _fmt(r["tokens_per_s"]),
-          _fmt(r["seconds_per_step"] * 1e3 if r["seconds_per_step"] else None, ".1f"),
-          _fmt(r["flops_per_token"] / 1e6 if r["flops_per_token"] else None, ".1f"), _mib(r["mem_growth"]),
-          r["error"] or ""] for r in rows]))
-    print("\nprefill (the 1-token generation, reported on its own):")
-    print(format_table(
-        ["group", "mode", "prefill s", "prefill GFLOP", "prefill mem MiB"],
-        [[r["group"], r["label"], _fmt(r["prefill_seconds"], ".3f"),
-          _fmt(r["prefill_flops"] / 1e9 if r["prefill_flops"] else None, ".3f"), _mib(r["prefill_mem_growth"])]
-         for r in rows]))
-    print()
-    for target in targets:
-        print(target.line())
-    print(f"\nelapsed {time.time() - start:.0f} s")
-    payload = dict(command="generate", args=vars(args), environment=environment(args.threads, revision), rows=rows,
-                   targets=[t.as_dict() for t in targets], elapsed_s=time.time() - start)
-    write_json(args.json, payload)
-    return payload
+    print_generate(rows, args, revision)
+    return finish("generate", args, start, revision, rows, targets)
+
+
+# --- summary: one table of several runs ---------------------------------------------------------------------------
+
+
+def summary_table(payloads: list[dict]) -> str:
+    """One line per row of each payload (train and generate), with the figures that compare across runs."""
+    lines = []
+    for payload in payloads:
+        args, env = payload["args"], payload["environment"]
+        for r in payload["rows"]:
+            train = payload["command"] == "train"
+            memory = r.get("peak_memory") if train else r.get("mem_growth")
+            lines.append([payload["command"], args["size"], f"{env['device']} {env['dtype']}",
+                          (r["variant"] or "-") if train else r["group"], r["label"],
+                          f"{r['batch']}×{r['seq']}" if train else f"{r['batch']}×p{r['prompt_len']}",
+                          _fmt(r["tokens_per_s"], ",.1f"), _fmt(r["step_seconds"] if train else r["seconds_per_step"],
+                                                               ".3g", 1e3),
+                          _fmt(memory, ".1f", 2**-20), _fmt(r["flops_per_token"], ".4g", 1e-9), _fmt(r["mfu"], ".2%"),
+                          r["error"] or r.get("skipped") or ""])
+    return format_table(["bench", "size", "device", "group", "mode", "shape", "tokens/s", "ms/step or token",
+                         "MiB peak/growth", "GFLOP/token", "MFU", "error / note"], lines)
+
+
+def cmd_summary(args) -> dict:
+    payloads = []
+    for path in args.paths:
+        with open(path) as f:
+            payloads.append(json.load(f))
+    print(summary_table(payloads))
+    targets = [t for p in payloads for t in p["targets"]]
+    for t in targets:
+        print(Target(t["name"], t["value"], t["op"], t["threshold"]).line())
+    return dict(rows=[r for p in payloads for r in p["rows"]])
 
 
 # --- command line -----------------------------------------------------------------------------------------------
@@ -878,86 +873,117 @@ def _names(choices):
     return parse
 
 
-TRAIN_QUICK = dict(size="tiny", batch_size=2, seq_len=32, steps=2, warmup=0, one_group=True)
-GENERATE_QUICK = dict(size="tiny", prompt_lengths=[32], batch_sizes=[2], new_tokens=8, recompute_new_tokens=4,
-                      reps=3, max_positions=128)
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+QUICK = {
+    "train": dict(size="tiny", batch_size=2, seq_len=32, steps=2, warmup=0),
+    "generate": dict(size="tiny", prompt_lengths=[32], batch_sizes=[2], new_tokens=8, recompute_new_tokens=4, reps=3,
+                     max_positions=128),
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", choices=sorted(SIZES), default="xxs", help="model size (default xxs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the weights' dtype (default float32)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: NVIDIA's dense figure for known GPUs at --dtype; "
+                        "none on CPU)")
+    p.add_argument("--rounds", type=int, default=1, help="times every row of a group is measured, in turn (default 1)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="torch intra-op threads (default: all usable cores)")
+    p.add_argument("--omp-wait-policy", choices=["passive", "active"],
+                   default=os.environ.get("OMP_WAIT_POLICY", "passive").lower(),
+                   help="OMP_WAIT_POLICY of the workers (default: the environment's, else passive)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row and round (median; default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (default 1)")
+    p.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS),
+                   help="comma-separated EBT variants (default: default,time_embed)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--one-group", action="store_true",
+                   help="kept for old command lines: the variants always form one group, with one Llama")
+
+
+def _generate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", choices=VARIANTS, default="default")
+    p.add_argument("--rows", type=_names(list(GENERATE_ROW_SETS)), default=["standard"],
+                   help=f"comma-separated row sets: {', '.join(GENERATE_ROW_SETS)} (default standard)")
+    p.add_argument("--prompt-lengths", type=_ints, default=[64, 256, 1024])
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=32, help="new tokens of the cached, compiled and Llama rows")
+    p.add_argument("--recompute-new-tokens", type=int, default=4,
+                   help="new tokens of the recompute rows (default 4: each costs a full forward+backward over the "
+                        "whole prefix; its cost per token grows with the prefix, so fewer tokens understate it)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per row and round, at most (default 3)")
+    p.add_argument("--rep-budget", type=float, default=60.0,
+                   help="a row stops repeating once its timed calls took this many seconds; it runs at least once "
+                        "(default 60: the long recompute rows run once or twice)")
+    p.add_argument("--long-contexts", type=_ints, default=[512, 2048, 8192, 16384],
+                   help="context lengths of the `long` row set")
+    p.add_argument("--window", type=int, default=256, help="sliding window of the `long` row set")
+    p.add_argument("--gqa-kv-heads", type=int, default=2, help="key/value heads of its GQA rows")
+    p.add_argument("--long-new-tokens", type=int, default=16)
+    p.add_argument("--long-reps", type=int, default=2)
+    p.add_argument("--max-positions", type=int, default=2048,
+                   help="max_position_embeddings of the models (raised to fit the longest sequence)")
+
+
+def build_parser(quick: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `quick` names the command whose defaults the --quick preset replaces."""
     parser = argparse.ArgumentParser(prog="python -m modeling_ebt.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p):
-        p.add_argument("--size", choices=sorted(SIZES), default="xxs", help="model size (default xxs)")
-        p.add_argument("--threads", type=int, default=default_threads(),
-                       help="torch intra-op threads per worker (default: all usable cores)")
-        p.add_argument("--omp-wait-policy", choices=["passive", "active"],
-                       default=os.environ.get("OMP_WAIT_POLICY", "passive").lower(),
-                       help="OMP_WAIT_POLICY of the workers (default: the environment's, else passive)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
-        p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-
-    train = sub.add_parser("train", help="training throughput, peak RSS and FLOPs")
-    common(train)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--seq-len", type=int, default=256)
-    train.add_argument("--steps", type=int, default=5, help="timed steps per row (median; default 5)")
-    train.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (default 1)")
-    train.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS),
-                       help="comma-separated EBT variants (default: default,time_embed)")
-    train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--one-group", action="store_true",
-                       help="measure all variants side by side in one group with one Llama (more memory at once)")
-
-    gen = sub.add_parser("generate", help="generation throughput, FLOPs and memory: cached vs recompute vs Llama")
-    common(gen)
-    gen.add_argument("--variant", choices=VARIANTS, default="default")
-    gen.add_argument("--rows", type=_names(list(GENERATE_ROW_SETS)), default=["standard"],
-                     help=f"comma-separated row sets: {', '.join(GENERATE_ROW_SETS)} (default standard)")
-    gen.add_argument("--prompt-lengths", type=_ints, default=[64, 256, 1024])
-    gen.add_argument("--batch-sizes", type=_ints, default=[1, 8])
-    gen.add_argument("--new-tokens", type=int, default=32, help="new tokens of the cached and Llama rows")
-    gen.add_argument("--recompute-new-tokens", type=int, default=4,
-                     help="new tokens of the recompute rows (default 4: each costs a full forward+backward over the "
-                          "whole prefix; its cost per token grows with the prefix, so fewer tokens understate it)")
-    gen.add_argument("--reps", type=int, default=3, help="timed repetitions per row, at most (default 3)")
-    gen.add_argument("--rep-budget", type=float, default=60.0,
-                     help="a row stops repeating once its timed runs took this many seconds; it runs at least once "
-                          "(default 60: the long recompute rows run once or twice)")
-    gen.add_argument("--long-contexts", type=_ints, default=[512, 2048, 8192, 16384],
-                     help="context lengths of the `long` row set")
-    gen.add_argument("--window", type=int, default=256, help="sliding window of the `long` row set")
-    gen.add_argument("--gqa-kv-heads", type=int, default=2, help="key/value heads of its GQA rows")
-    gen.add_argument("--long-new-tokens", type=int, default=16)
-    gen.add_argument("--long-reps", type=int, default=2)
-    gen.add_argument("--max-positions", type=int, default=2048,
-                     help="max_position_embeddings of the models (raised to fit the longest sequence)")
+    for name, help_text, add in (("train", "training throughput, peak memory and FLOPs", _train_parser),
+                                 ("generate", "generation throughput, FLOPs and memory growth", _generate_parser)):
+        command = sub.add_parser(name, help=help_text)
+        _common(command)
+        add(command)
+        if name == quick:
+            command.set_defaults(**QUICK[name])
+    summary = sub.add_parser("summary", help="one table of the rows of several --json files")
+    summary.add_argument("paths", nargs="+", metavar="PATH")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    quick = argv[0] if argv and "--quick" in argv else None
+    parser = build_parser(quick)
     args = parser.parse_args(argv)
-    if args.quick:  # the preset fills in what the command line left at its default
-        preset = TRAIN_QUICK if args.command == "train" else GENERATE_QUICK
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        for key, value in preset.items():
-            if getattr(args, key) == sub.get_default(key):
-                setattr(args, key, value)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
+    if args.command == "summary":
+        return args
+    if args.threads < 1 or args.rounds < 1:
+        parser.error("--threads and --rounds must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible (torch {torch.__version__}, built with CUDA "
+                     f"{torch.version.cuda}); use --device cpu")
+    if args.peak_tflops is None:
+        args.peak_tflops = default_peak_tflops(args.device, args.dtype)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "summary":
+        cmd_summary(args)
+        return 0
     os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # inherited by the spawned workers
     payload = cmd_train(args) if args.command == "train" else cmd_generate(args)
-    failed = [r for r in payload["rows"] if r.get("error")]
-    return 1 if failed else 0
+    return 1 if any(r.get("error") for r in payload["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modeling_ebt import bench
 
@@ -101,7 +103,7 @@ def test_targets_and_ratios():
 def test_quick_preset_keeps_explicit_options():
     args = bench.parse_args(["generate", "--quick", "--new-tokens", "6"])
     assert args.new_tokens == 6 and args.size == "tiny"
-    assert args.prompt_lengths == bench.GENERATE_QUICK["prompt_lengths"]
+    assert args.prompt_lengths == bench.QUICK["generate"]["prompt_lengths"]
     args = bench.parse_args(["train", "--batch-size", "3"])
     assert args.batch_size == 3 and args.seq_len == 256 and args.size == "xxs" and not args.quick
 
@@ -139,3 +141,107 @@ def test_generate_long_rows_quick(tmp_path):
     windowed = targets["window 8 MHA: memory growth at 96 / at 48"]
     assert windowed["threshold"] == 1.5 and windowed["passed"] == (windowed["value"] <= 1.5)
     assert targets["full MHA: memory growth at 96 / at 48"]["threshold"] is None
+
+
+def test_compiled_rows_pair_eager_and_compiled_at_batch_one():
+    args = bench.parse_args(["generate", "--rows", "compiled", "--prompt-lengths", "64,256", "--device", "cpu"])
+    groups = bench.compiled_groups(args)
+    assert [[(c.label, c.batch, c.prompt_len, c.compiled) for c in g] for g in groups] == [
+        [("eager", 1, p, False), ("compiled", 1, p, True)] for p in (64, 256)]
+    assert all(g[0].flop_key() == g[1].flop_key() for g in groups)  # the compiled row shares eager's FLOP count
+
+
+def _compiled_spec() -> dict:
+    args = bench.parse_args(["generate", "--quick", "--rows", "compiled", "--reps", "1", "--device", "cpu",
+                             "--threads", "1"])
+    return bench.compiled_groups(args)[0][1].spec(args, count_flops=False), args
+
+
+def test_compiled_row_is_skipped_with_a_note_without_compile_energy(monkeypatch):
+    from modeling_ebt import EBTForCausalLM
+
+    monkeypatch.delattr(EBTForCausalLM, "compile_energy", raising=False)
+    spec, args = _compiled_spec()
+    result = bench.measure_generate(spec)
+    assert result == {"skipped": bench.COMPILE_MISSING}
+    case = bench.compiled_groups(args)[0][1]
+    row = bench.generate_row(case, [(result, None)], "compiled", args, flops=[10, 90])
+    assert row["skipped"] == bench.COMPILE_MISSING and row["error"] is None
+    assert row["tokens_per_s"] is None and row["flops_per_token"] is None and row["reps"] == 0
+    target = bench.compiled_targets([row], args)[0]
+    assert target.value is None and target.passed is None
+
+
+def test_compiled_row_calls_compile_energy_and_times_the_model_it_returns(monkeypatch):
+    from modeling_ebt import EBTForCausalLM
+
+    calls = []
+
+    def compile_energy(self, **kwargs):
+        calls.append(kwargs)
+        return self
+
+    monkeypatch.setattr(EBTForCausalLM, "compile_energy", compile_energy, raising=False)
+    spec, _ = _compiled_spec()
+    result = bench.measure_generate(spec)
+    assert calls == [{}]
+    assert len(result["first"]) == len(result["full"]) == 1
+    assert positive(result["full"][0]["seconds"]) and result["flops"] is None
+
+
+def test_mfu_and_default_peaks(monkeypatch):
+    assert bench.mfu(2e9, 50.0, 1.0) == pytest.approx(0.1)  # 1e11 FLOP/s of 1e12
+    assert bench.mfu(2e9, 50.0, None) is None and bench.mfu(None, 50.0, 1.0) is None
+    assert bench.default_peak_tflops("cpu", "float32") is None
+    for name, dtype, peak in (("NVIDIA H100 PCIe", "bfloat16", 756.0), ("NVIDIA H100 80GB HBM3", "float32", 67.0),
+                              ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0), ("NVIDIA H200", "bfloat16", 989.0),
+                              ("Tesla T4", "float32", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert bench.default_peak_tflops("cuda", dtype) == peak, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without a GPU")
+def test_cuda_device_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["train", "--device", "cuda"])
+    error = capsys.readouterr().err
+    assert "--device cuda: no CUDA device is visible" in error and "use --device cpu" in error
+
+
+def test_peak_memory_counts_a_cpu_allocation():
+    memory = bench.PeakMemory("cpu")
+    memory.start()
+    block = torch.ones(16, 2**20)  # 64 MiB, written
+    assert memory.growth() >= 60 * 2**20
+    del block
+
+
+def test_summary_prints_one_table_of_train_and_generate_rows(tmp_path, capsys):
+    env = dict(device="cuda", dtype="float32")
+    train = dict(command="train", args=dict(size="xxs"), environment=env, targets=[], rows=[dict(
+        variant="default", label="ours", batch=8, seq=256, tokens_per_s=12345.0, step_seconds=0.166,
+        peak_memory=3 * 2**30, flops_per_token=2.18e8, mfu=0.0412, error=None)])
+    generate = dict(command="generate", args=dict(size="small"), environment=env, targets=[
+        dict(name="p256 b1: cached/Llama tokens/s", value=0.3, op=">=", threshold=1 / 6, passed=True)], rows=[dict(
+            group="standard p256 b1", label="cached", batch=1, prompt_len=256, tokens_per_s=88.0,
+            seconds_per_step=0.0114, mem_growth=2**20, flops_per_token=None, mfu=None, error=None, skipped=None)])
+    paths = []
+    for name, payload in (("train.json", train), ("generate.json", generate)):
+        (tmp_path / name).write_text(json.dumps(payload))
+        paths.append(str(tmp_path / name))
+    assert bench.main(["summary", *paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["bench", "size", "device"]
+    train_line = next(line for line in lines if line.lstrip().startswith("train"))
+    assert train_line.split()[:8] == ["train", "xxs", "cuda", "float32", "default", "ours", "8×256", "12,345.0"]
+    assert "3072.0" in train_line and "4.12%" in train_line and "166" in train_line
+    generate_line = next(line for line in lines if line.lstrip().startswith("generate"))
+    assert "1×p256" in generate_line and "11.4" in generate_line and "PASS" in lines[-1]
+
+
+def test_device_check_without_a_gpu_fails_clearly():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "device_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no CUDA GPU is visible" in done.stderr and "--dry-run" in done.stderr
