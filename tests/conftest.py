@@ -1,11 +1,20 @@
 """Shared test helpers: tiny model configs and the location of ../shared (present in CI, not on users' machines)."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# The tests (and their subprocesses) never write into the user's datasets cache, where load_dataset keeps the
+# corpora it reads: set before anything imports `datasets`, which reads it at import.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="ebt-tests-hf-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
-from modeling_ebt import EBTConfig, EBTForCausalLM
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modeling_ebt import EBTConfig, EBTForCausalLM  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE_FIXTURES = SHARED / "fixtures" / "reference_ebt"
