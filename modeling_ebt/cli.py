@@ -163,7 +163,19 @@ def _load_model_and_tokenizer(model_dir: str):
     model = AutoModelForCausalLM.from_pretrained(folder)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    _check_tokenizer_fits(folder, tokenizer, model.config.vocab_size)
     return model, tokenizer
+
+
+def _check_tokenizer_fits(folder: Path, tokenizer, vocab_size: int) -> None:
+    """A folder without tokenizer files gets the byte-level EBTTokenizer (257 ids) from AutoTokenizer: refused for a
+    model of another vocabulary, as is any tokenizer with ids the model does not have."""
+    saved = any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+    if len(tokenizer) > vocab_size or (not saved and len(tokenizer) != vocab_size):
+        where = "the tokenizer saved with it" if saved else "no tokenizer is saved with it, and the default one"
+        raise ValueError(f"the model in {folder} has vocab_size={vocab_size} but {where} has {len(tokenizer)} ids: "
+                         "save the tokenizer the model was trained with into that folder "
+                         "(tokenizer.save_pretrained(folder))")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -255,7 +267,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     if corpus is None and isinstance(trained.get("corpus"), str) and not trained["corpus"].startswith("default:"):
         corpus = trained["corpus"]
     same_corpus = args.corpus is None  # the run's split and text column apply to the run's corpus
-    fraction = args.validation_fraction or (same_corpus and options.get("validation_fraction")) or 0.1
+    fraction = args.validation_fraction  # 0 is refused by build_lm_datasets, never replaced by the default
+    if fraction is None:
+        fraction = (same_corpus and options.get("validation_fraction")) or 0.1
     text_column = args.text_column or (same_corpus and options.get("text_column")) or "text"
     data = build_lm_datasets(tokenizer, corpus, block_size=block_size, validation_fraction=fraction,
                              cache_dir=args.cache_dir, text_column=text_column, config=model.config)

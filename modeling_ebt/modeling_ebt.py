@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +183,28 @@ class EBTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EBTDecoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a damaged weights file is named in the error (safetensors' own
+        error names no file)."""
+        from safetensors import SafetensorError, safe_open
+
+        def damaged(path):
+            try:
+                with safe_open(path, "pt"):
+                    return False
+            except SafetensorError:
+                return True
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            folder = Path(str(pretrained_model_name_or_path))
+            files = [str(p) for p in sorted(folder.glob("*.safetensors")) if damaged(p)] if folder.is_dir() else []
+            where = " and ".join(files) or f"the safetensors weights of {pretrained_model_name_or_path}"
+            raise OSError(f"{where} is damaged (truncated, empty or not a safetensors file: {error}); save the "
+                          "model again or download it again") from error
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -556,7 +556,11 @@ def build_training_arguments(options: TrainOptions, recipe: dict[str, Any], max_
         use_cpu=not _accelerator_available(),
     )
     fields.update(options.training_args)
-    return TrainingArguments(**fields)
+    args = TrainingArguments(**fields)
+    if args.fp16 and (args.use_cpu or not _accelerator_available()):
+        raise ValueError("fp16=True needs a GPU: on the CPU the Trainer would silently train in float32. Use "
+                         "--training-arg bf16=true for mixed precision on the CPU, or leave fp16 out")
+    return args
 
 
 def _say(message: str, main_process: bool = True):
