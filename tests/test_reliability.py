@@ -146,13 +146,22 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_changes_nothing(tmp_pa
     assert snapshot(folder) == before
 
 
-HOLD_LOCK = "import sys, time\nfrom modeling_ebt.checkpointing import RunLock\nRunLock(sys.argv[1]).__enter__()\n" \
-            "print('locked', flush=True)\ntime.sleep(600)\n"
+# loads checkpointing.py alone (no torch import): a process that takes the run lock and waits to be killed
+HOLD_LOCK = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("checkpointing", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.RunLock(sys.argv[2]).__enter__()
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
 def test_a_run_killed_with_sigkill_leaves_no_stuck_lock(tmp_path):
     folder = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder)], env=ENV, stdout=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO / "modeling_ebt" / "checkpointing.py"),
+                               str(folder)], env=ENV, stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
