@@ -178,8 +178,8 @@ def _is_token_ids(value) -> bool:
 
 _POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 _OPTIONAL_POSITIVE_INT = (lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
-_POSITIVE_NUMBER = (lambda v: _is_finite(v) and v > 0, "a finite number > 0")
-_NON_NEGATIVE_NUMBER = (lambda v: _is_finite(v) and v >= 0, "a finite number >= 0")
+_POSITIVE_NUMBER = (lambda v: _is_finite(v) and v > 0, "a number > 0 (and finite)")
+_NON_NEGATIVE_NUMBER = (lambda v: _is_finite(v) and v >= 0, "a number >= 0 (and finite)")
 _BOOL = (lambda v: isinstance(v, bool), "True or False")
 _TOKEN_ID = (lambda v: v is None or (_is_int(v) and v >= 0), "None or a token id (an integer >= 0)")
 
@@ -189,8 +189,8 @@ FIELD_RULES = {
                      "max_position_embeddings", "mcmc_num_steps", "mcmc_replay_buffer_size"), _POSITIVE_INT),
     **dict.fromkeys(("intermediate_size", "num_key_value_heads"), _OPTIONAL_POSITIVE_INT),
     "sliding_window": (lambda v: v is None or (_is_int(v) and v >= 1),
-                       "None (full attention) or an integer >= 1 (and <= max_position_embeddings)"),
-    "num_sink_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (and < max_position_embeddings)"),
+                       "None or an integer in [1, max_position_embeddings] (None: full attention)"),
+    "num_sink_tokens": (lambda v: _is_int(v) and v >= 0, "an integer in [0, max_position_embeddings)"),
     **dict.fromkeys(("rms_norm_eps", "rope_theta", "mcmc_step_size", "initializer_gain"), _POSITIVE_NUMBER),
     **dict.fromkeys(("mcmc_step_size_lr_multiplier", "gaussian_random_noise_scaling", "langevin_dynamics_noise",
                      "contrastive_loss_coeff"), _NON_NEGATIVE_NUMBER),
@@ -199,7 +199,7 @@ FIELD_RULES = {
     "randomize_mcmc_num_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables random step counts)"),
     "randomize_mcmc_num_steps_min": (_POSITIVE_INT[0], "an integer in [1, randomize_mcmc_num_steps + 1]"),
     "randomize_mcmc_step_size_scale": (lambda v: _is_finite(v) and v >= 1,
-                                       "a finite number >= 1 (1 disables random step sizes)"),
+                                       "a number >= 1 (and finite; 1 disables random step sizes)"),
     "mcmc_replay_buffer_sample_fraction": (lambda v: _is_finite(v) and 0 < v < 1, "a number in (0, 1)"),
     **dict.fromkeys(("mcmc_step_size_learnable", "normalize_initial_condition", "vocab_to_embed_uses_prob_dist",
                      "mcmc_replay_buffer", "truncate_mcmc", "no_mcmc_detach", "use_cache"), _BOOL),

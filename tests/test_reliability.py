@@ -209,10 +209,11 @@ def test_no_file_a_run_writes_holds_the_hub_token(tmp_path, corpus):
 # --- configuration validation -----------------------------------------------------------------------------------
 
 BAD_FIELDS = [
-    ("contrastive_loss_coeff", math.inf, "a finite number >= 0"), ("rms_norm_eps", math.inf, "a finite number > 0"),
-    ("mcmc_step_size", math.nan, "a finite number > 0"), ("mcmc_num_steps", 0, "an integer >= 1"),
-    ("sliding_window", 0, "None (full attention) or an integer >= 1"),
-    ("sliding_window", -1, "None (full attention) or an integer >= 1"),
+    ("contrastive_loss_coeff", math.inf, "a number >= 0 (and finite)"),
+    ("rms_norm_eps", math.inf, "a number > 0 (and finite)"),
+    ("mcmc_step_size", math.nan, "a number > 0 (and finite)"), ("mcmc_num_steps", 0, "an integer >= 1"),
+    ("sliding_window", 0, "None or an integer in [1, max_position_embeddings] (None: full attention)"),
+    ("sliding_window", -1, "None or an integer in [1, max_position_embeddings] (None: full attention)"),
     ("pad_token_id", -5, "None or a token id (an integer >= 0)"),
     ("bos_token_id", "x", "None or a token id (an integer >= 0)"),
     ("eos_token_id", [], "None, a token id or a non-empty list of token ids"),
