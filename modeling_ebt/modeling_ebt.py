@@ -186,23 +186,16 @@ class EBTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`; a damaged weights file is named in the error (safetensors' own
-        error names no file)."""
-        from safetensors import SafetensorError, safe_open
-
-        def damaged(path):
-            try:
-                with safe_open(path, "pt"):
-                    return False
-            except SafetensorError:
-                return True
-
+        """`PreTrainedModel.from_pretrained`; a damaged weights file is named in the error (safetensors' own error
+        names no file). safetensors is not imported here: the remote code needs only torch and transformers."""
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except SafetensorError as error:
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
             folder = Path(str(pretrained_model_name_or_path))
-            files = [str(p) for p in sorted(folder.glob("*.safetensors")) if damaged(p)] if folder.is_dir() else []
-            where = " and ".join(files) or f"the safetensors weights of {pretrained_model_name_or_path}"
+            files = sorted(str(p) for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+            where = files[0] if len(files) == 1 else f"one of {files or 'the weights files'}"
             raise OSError(f"{where} is damaged (truncated, empty or not a safetensors file: {error}); save the "
                           "model again or download it again") from error
 
