@@ -4,6 +4,7 @@ run per folder, no secret on disk; plus configuration validation and errors that
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -354,6 +355,7 @@ class FaultInjection:
         self.run_seconds = time.monotonic() - started
         self.reference = weights(reference)
         self.kills = self.resumes = self.identical = 0
+        self.kills_by_kind: collections.Counter[str] = collections.Counter()
 
     def run(self, folder: Path, resume: bool, fault: str | None = None, delay: float | None = None) -> bool:
         """One subprocess; True if it was killed."""
@@ -370,6 +372,8 @@ class FaultInjection:
         assert process.returncode in (0, -signal.SIGKILL), err[-3000:]
         killed = process.returncode == -signal.SIGKILL
         self.kills += killed
+        if killed:
+            self.kills_by_kind[fault.split("=")[0] if fault else "random delay"] += 1
         return killed
 
     def fresh_args(self, folder: Path) -> list[str]:
@@ -438,6 +442,7 @@ def test_sigkill_at_fifty_random_moments_then_resume_is_exact_every_time(tmp_pat
         injection.kill_then_resume(tmp_path / f"run-{iteration}", kills)
         shutil.rmtree(tmp_path / f"run-{iteration}")
     print(f"\nfault injection: {injection.kills} kills over {iteration} runs, {injection.resumes} resumes, "
-          f"{injection.identical} bit-identical to the uninterrupted run")
+          f"{injection.identical} bit-identical to the uninterrupted run; kills by kind: "
+          f"{dict(sorted(injection.kills_by_kind.items()))}")
     assert injection.identical == injection.resumes == iteration
 
