@@ -35,6 +35,8 @@ from modeling_ebt.checkpointing import (
 from modeling_ebt.cli import main
 from modeling_ebt.convert_reference_checkpoint import infer_config
 
+from .test_accelerate import write_corpus
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--model-arg", "hidden_size=32", "--model-arg", "num_hidden_layers=2", "--model-arg", "num_attention_heads=2",
@@ -46,11 +48,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathse
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    words = "now is the winter of our discontent made glorious summer by this sun of york".split()
-    lines = [" ".join(words[(i * 5 + j * 2) % len(words)] for j in range(10)) for i in range(200)]
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_corpus(tmp_path / "corpus.txt")
 
 
 def train_flags(tmp_path: Path, corpus: Path, max_steps: int = 6, save_steps: int = 2) -> list[str]:
