@@ -5,6 +5,8 @@ Field names follow `transformers` (Llama) for the transformer and the reference 
 the paper's System 1 recipe for the "xxs" size on a byte-level vocabulary.
 """
 
+import math
+
 from transformers import PreTrainedConfig
 
 EBT_TYPES = ("default", "time_embed")
@@ -90,8 +92,29 @@ class EBTConfig(PreTrainedConfig):
             self.intermediate_size = self.hidden_size
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        self._check_values()
         super().__post_init__(**kwargs)
+        self.validate()
+
+    # Validation in one place: every assignment of a field (construction, `from_pretrained(..., field=value)`, later
+    # `config.field = value`) checks that field alone (`FIELD_RULES`); `validate` checks all fields and the relations
+    # between them, after construction, after loading (`from_dict`) and before `save_pretrained` writes config.json.
+    def __setattr__(self, key, value):
+        if key in FIELD_RULES:
+            _check_field(key, value)
+        super().__setattr__(key, value)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config.validate()
+        return loaded
+
+    def validate(self):
+        super().validate()
+        for field in FIELD_RULES:
+            _check_field(field, getattr(self, field))
+        self._check_relations()
 
     @property
     def head_dim(self) -> int:
@@ -108,62 +131,90 @@ class EBTConfig(PreTrainedConfig):
         """Energy landscapes: one per training step for `time_embed`, a single one for `default`."""
         return self.mcmc_num_steps if self.ebt_type == "time_embed" else 1
 
-    def _check_values(self):
+    def _check_relations(self):
         def require(ok, field, expected):
             if not ok:
                 raise ValueError(f"EBTConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
 
-        def is_int(value):
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_number(value):
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "mcmc_num_steps",
-                      "mcmc_replay_buffer_size"):
-            require(is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "an integer >= 1")
+        for field in ("intermediate_size", "num_key_value_heads"):
+            require(getattr(self, field) is not None, field, "an integer >= 1")
         require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                 f"a multiple of num_attention_heads={self.num_attention_heads}")
         require(self.head_dim % 2 == 0, "hidden_size",
                 "hidden_size / num_attention_heads to be even (rotary embeddings rotate pairs of dimensions)")
         require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
                 f"a divisor of num_attention_heads={self.num_attention_heads}")
-        require(self.sliding_window is None or (is_int(self.sliding_window)
-                and 1 <= self.sliding_window <= self.max_position_embeddings), "sliding_window",
+        require(self.sliding_window is None or self.sliding_window <= self.max_position_embeddings, "sliding_window",
                 f"None or an integer in [1, max_position_embeddings={self.max_position_embeddings}]")
-        require(is_int(self.num_sink_tokens) and 0 <= self.num_sink_tokens < self.max_position_embeddings,
-                "num_sink_tokens", f"an integer in [0, max_position_embeddings={self.max_position_embeddings})")
+        require(self.num_sink_tokens < self.max_position_embeddings, "num_sink_tokens",
+                f"an integer in [0, max_position_embeddings={self.max_position_embeddings})")
         require(self.num_sink_tokens == 0 or self.sliding_window is not None, "num_sink_tokens",
                 "0 without a sliding_window (under full attention every token is visible anyway)")
-        for field in ("rms_norm_eps", "rope_theta", "mcmc_step_size", "initializer_gain"):
-            require(is_number(getattr(self, field)) and getattr(self, field) > 0, field, "a number > 0")
-        for field in ("mcmc_step_size_lr_multiplier", "gaussian_random_noise_scaling", "langevin_dynamics_noise",
-                      "contrastive_loss_coeff"):
-            require(is_number(getattr(self, field)) and getattr(self, field) >= 0, field, "a number >= 0")
-        require(self.ebt_type in EBT_TYPES, "ebt_type", f"one of {EBT_TYPES}")
-        require(self.denoising_initial_condition in INITIAL_CONDITIONS, "denoising_initial_condition",
-                f"one of {INITIAL_CONDITIONS}")
-        require(is_int(self.randomize_mcmc_num_steps) and self.randomize_mcmc_num_steps >= 0,
-                "randomize_mcmc_num_steps", "an integer >= 0 (0 disables random step counts)")
-        require(is_int(self.randomize_mcmc_num_steps_min)
-                and 1 <= self.randomize_mcmc_num_steps_min <= self.randomize_mcmc_num_steps + 1,
+        require(self.randomize_mcmc_num_steps_min <= self.randomize_mcmc_num_steps + 1,
                 "randomize_mcmc_num_steps_min", f"an integer in [1, randomize_mcmc_num_steps + 1 = "
                 f"{self.randomize_mcmc_num_steps + 1}]")
-        require(is_number(self.randomize_mcmc_step_size_scale) and self.randomize_mcmc_step_size_scale >= 1,
-                "randomize_mcmc_step_size_scale", "a number >= 1 (1 disables random step sizes)")
-        require(is_number(self.mcmc_replay_buffer_sample_fraction)
-                and 0 < self.mcmc_replay_buffer_sample_fraction < 1, "mcmc_replay_buffer_sample_fraction",
-                "a number in (0, 1)")
-        for field in ("mcmc_step_size_learnable", "normalize_initial_condition", "vocab_to_embed_uses_prob_dist",
-                      "mcmc_replay_buffer", "truncate_mcmc", "no_mcmc_detach"):
-            require(isinstance(getattr(self, field), bool), field, "True or False")
         require(self.normalize_initial_condition or not self.vocab_to_embed_uses_prob_dist,
                 "vocab_to_embed_uses_prob_dist", "False when normalize_initial_condition=False (p · E needs a "
                 "probability distribution)")
-        require(not self.tie_word_embeddings, "tie_word_embeddings",
-                "False: an EBT has no output embedding to tie (use vocab_to_embed_uses_prob_dist to share the "
-                "token embedding with the candidates)")
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            ids = getattr(self, field)
+            ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+            require(all(i < self.vocab_size for i in ids), field,
+                    f"None or token ids in [0, vocab_size={self.vocab_size})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_token_ids(value) -> bool:
+    ids = value if isinstance(value, list) and value else [value]
+    return value is None or all(_is_int(i) and i >= 0 for i in ids)
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+_OPTIONAL_POSITIVE_INT = (lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
+_POSITIVE_NUMBER = (lambda v: _is_finite(v) and v > 0, "a number > 0 (and finite)")
+_NON_NEGATIVE_NUMBER = (lambda v: _is_finite(v) and v >= 0, "a number >= 0 (and finite)")
+_BOOL = (lambda v: isinstance(v, bool), "True or False")
+_TOKEN_ID = (lambda v: v is None or (_is_int(v) and v >= 0), "None or a token id (an integer >= 0)")
+
+# field -> (check of the value alone, what is expected); relations between fields are in `_check_relations`
+FIELD_RULES = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "mcmc_num_steps", "mcmc_replay_buffer_size"), _POSITIVE_INT),
+    **dict.fromkeys(("intermediate_size", "num_key_value_heads"), _OPTIONAL_POSITIVE_INT),
+    "sliding_window": (lambda v: v is None or (_is_int(v) and v >= 1),
+                       "None or an integer in [1, max_position_embeddings] (None: full attention)"),
+    "num_sink_tokens": (lambda v: _is_int(v) and v >= 0, "an integer in [0, max_position_embeddings)"),
+    **dict.fromkeys(("rms_norm_eps", "rope_theta", "mcmc_step_size", "initializer_gain"), _POSITIVE_NUMBER),
+    **dict.fromkeys(("mcmc_step_size_lr_multiplier", "gaussian_random_noise_scaling", "langevin_dynamics_noise",
+                     "contrastive_loss_coeff"), _NON_NEGATIVE_NUMBER),
+    "ebt_type": (lambda v: v in EBT_TYPES, f"one of {EBT_TYPES}"),
+    "denoising_initial_condition": (lambda v: v in INITIAL_CONDITIONS, f"one of {INITIAL_CONDITIONS}"),
+    "randomize_mcmc_num_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables random step counts)"),
+    "randomize_mcmc_num_steps_min": (_POSITIVE_INT[0], "an integer in [1, randomize_mcmc_num_steps + 1]"),
+    "randomize_mcmc_step_size_scale": (lambda v: _is_finite(v) and v >= 1,
+                                       "a number >= 1 (and finite; 1 disables random step sizes)"),
+    "mcmc_replay_buffer_sample_fraction": (lambda v: _is_finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    **dict.fromkeys(("mcmc_step_size_learnable", "normalize_initial_condition", "vocab_to_embed_uses_prob_dist",
+                     "mcmc_replay_buffer", "truncate_mcmc", "no_mcmc_detach", "use_cache"), _BOOL),
+    "pad_token_id": _TOKEN_ID,
+    "bos_token_id": _TOKEN_ID,
+    "eos_token_id": (_is_token_ids, "None, a token id or a non-empty list of token ids (integers >= 0)"),
+    "tie_word_embeddings": (lambda v: v is False, "False: an EBT has no output embedding to tie (use "
+                            "vocab_to_embed_uses_prob_dist to share the token embedding with the candidates)"),
+}
+
+
+def _check_field(field: str, value) -> None:
+    ok, expected = FIELD_RULES[field]
+    if not ok(value):
+        raise ValueError(f"EBTConfig.{field}={value!r} is invalid: expected {expected}.")
 
 
 EBTConfig.register_for_auto_class()  # save_pretrained / push_to_hub write this file and an auto_map entry

@@ -73,9 +73,11 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 def infer_config(state: dict, hparams: dict, num_attention_heads=None, context_length=None) -> EBTConfig:
     """EBTConfig from the tensors' shapes, the hyper-parameters and the sizes given on the command line."""
-    for required in ("embeddings.weight", "transformer.final_layer.weight"):
+    for required in ("embeddings.weight", "transformer.final_layer.weight", "transformer.layers.0.attention.wk.weight",
+                     "transformer.layers.0.feed_forward.w1.weight"):
         if required not in state:
-            raise ValueError(f"not a reference EBT state dict: missing {required!r}")
+            raise ValueError(f"not a reference EBT state dict: missing {required!r} (a reference EBT_NLP checkpoint "
+                             "has embeddings, transformer.layers.N.* and transformer.final_layer weights)")
     vocab_size, hidden_size = state["embeddings.weight"].shape
     layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
     heads = num_attention_heads or hparams.get("multiheaded_attention_heads")

@@ -18,6 +18,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -308,6 +309,21 @@ class EBTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["EBTDecoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a damaged weights file is named in the error (safetensors' own error
+        names no file). safetensors is not imported here: the remote code needs only torch and transformers."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            folder = Path(str(pretrained_model_name_or_path))
+            files = sorted(str(p) for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+            where = files[0] if len(files) == 1 else f"one of {files or 'the weights files'}"
+            raise OSError(f"{where} is damaged (truncated, empty or not a safetensors file: {error}); save the "
+                          "model again or download it again") from error
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -34,13 +34,28 @@ from transformers import (
     AutoTokenizer,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
+from transformers.trainer_utils import TrainOutput
 
 from . import presets
 from .arguments import TrainOptions, check_training_names
+from .checkpointing import (
+    FINAL_STAGING,
+    STAGING_PREFIX,
+    RunLock,
+    checkpoint_step,
+    clear_leftovers,
+    commit_checkpoint,
+    commit_files,
+    fault_point,
+    last_complete_checkpoint,
+    rotate_checkpoints,
+    write_text_atomic,
+)
 from .configuration_ebt import EBTConfig
 from .constants import DEFAULT_CORPUS_ID, DEFAULT_RECIPE, OPTIONS_FILENAME, SUMMARY_FILENAME
 from .modeling_ebt import EBTForCausalLM
@@ -295,6 +310,64 @@ class EBTTrainer(Trainer):
     def _replay_buffer_file(self) -> str:
         return f"replay_buffer_{self.args.process_index}.safetensors"
 
+    # Atomic checkpoints. The Trainer writes a checkpoint file by file into `checkpoint-N` and then rotates by
+    # modification time, so a kill leaves a half-written or half-deleted `checkpoint-N` that looks usable. Staging is
+    # the least code that changes only where the files go: `_get_output_dir` points the Trainer's own
+    # `_save_checkpoint` (model, optimizer, scheduler, RNG states, replay buffers, trainer state: all unchanged) at
+    # `tmp-checkpoint-N/` for the duration of the call, and `commit_checkpoint` renames the folder once every process
+    # has written its files. The barrier before the rename is what transformers' own attempt (#27820) lacked on
+    # several processes; process 0 renames, then the first process of each node, for nodes that do not share its
+    # storage. The Trainer's rotation then only sees the staging folder; ours runs on complete checkpoints by step.
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        if getattr(self, "_staging_checkpoint", False):
+            return os.path.join(run_dir, f"{STAGING_PREFIX}checkpoint-{self.state.global_step}")
+        return run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run_dir / f"{STAGING_PREFIX}{name}"
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:  # e.g. a full disk: nothing half-written may stay behind
+            shutil.rmtree(staging, ignore_errors=True)
+            last = last_complete_checkpoint(run_dir)
+            raise OSError(f"could not write {name} to {run_dir} ({error}); nothing of it was kept, the last complete "
+                          f"checkpoint is {last.name if last else 'none'}: free space and continue with --resume"
+                          ) from error
+        finally:
+            self._staging_checkpoint = False
+        self._publish_checkpoint(staging / name, run_dir / name)
+
+    def _publish_checkpoint(self, staged: Path, final: Path) -> None:
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staged.parent:  # recorded while saving into the staging folder
+            self.state.best_model_checkpoint = str(final.parent / Path(best).name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / "trainer_state.json"))
+        for first_of in ("process", "node"):
+            self.accelerator.wait_for_everyone()
+            index = self.args.process_index if first_of == "process" else self.args.local_process_index
+            if index == 0 and staged.is_dir():
+                commit_checkpoint(staged, final)
+                staged.parent.rmdir()
+                rotate_checkpoints(final.parent, self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    # `training_args.bin` is a pickle of the TrainingArguments: token fields (hub_token) are left out of it.
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        secrets = {name: getattr(self.args, name) for name in _secret_fields(self.args)}
+        try:
+            for name in secrets:
+                setattr(self.args, name, None)
+            super()._save(output_dir, state_dict)
+        finally:
+            for name, value in secrets.items():
+                setattr(self.args, name, value)
+        fault_point("weights-written")
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if ignore_keys is None:
             ignore_keys = OUTPUT_KEYS_NOT_GATHERED
@@ -476,27 +549,21 @@ def measure_step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], learn
 
 # --- the training job -------------------------------------------------------------------------------------------
 
-STALE_ON_OVERWRITE = ("eval_results.json", "eval_plot.png")  # written by `ebt eval` next to the model
-SECRET_KEY = re.compile(r"token|secret|password", re.IGNORECASE)  # training arguments never written to disk
+# written by `ebt eval` next to the model, and the summary that marks a run finished: they must not describe the new one
+STALE_ON_OVERWRITE = ("eval_results.json", "eval_plot.png", SUMMARY_FILENAME)
+# training arguments never written to disk (`hub_token`; names ending like transformers' own `*_token` rule)
+SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$", re.IGNORECASE)
 REDACTED = "<redacted>"  # in their place (a resumed run leaves them out: give the token by the usual means)
+
+
+def _secret_fields(args: TrainingArguments) -> list[str]:
+    return [field.name for field in dataclasses.fields(args)
+            if SECRET_KEY.search(field.name) and isinstance(getattr(args, field.name), str)]
+
+
 _MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", SUMMARY_FILENAME, OPTIONS_FILENAME)
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint-N folder with the highest N whose trainer_state.json (the Trainer writes it last) parses."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    found = []
-    for path in folder.glob("checkpoint-*"):
-        suffix = path.name.split("-", 1)[1]
-        if path.is_dir() and suffix.isdigit():
-            try:
-                json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue
-            found.append((int(suffix), path))
-    return max(found)[1] if found else None
 
 
 def check_output_dir(options: TrainOptions) -> Path | None:
@@ -551,7 +618,11 @@ def build_training_arguments(options: TrainOptions, recipe: dict[str, Any], max_
     fields.update(options.training_args)
     if "eval_strategy" not in options.training_args:  # evaluation every eval_steps if given, else only at the end
         fields["eval_strategy"] = "steps" if options.eval_samples > 0 and fields.get("eval_steps") else "no"
-    return TrainingArguments(**fields)
+    args = TrainingArguments(**fields)
+    if args.fp16 and (args.use_cpu or not _accelerator_available()):
+        raise ValueError("fp16=True needs a GPU: on the CPU the Trainer would silently train in float32. Use "
+                         "--training-arg bf16=true for mixed precision on the CPU, or leave fp16 out")
+    return args
 
 
 def _say(message: str, main_process: bool = True):
@@ -592,11 +663,20 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
     """Train an EBT as `ebt train` does; returns the training summary (also written to the output dir).
 
     Everything is validated (options, output dir, config, tokenizer, corpus, block size) before anything is written
-    to the output dir. The output dir receives checkpoints (`checkpoint-N`, with optimizer, scheduler and RNG
-    states: a killed run resumes exactly with `resume=True`), and at the end the model (safetensors), the tokenizer,
-    `ebt_train_options.json` and `training_summary.json`."""
+    to the output dir, which one run at a time holds (`RunLock`). The output dir receives complete checkpoints only
+    (`checkpoint-N`, with optimizer, scheduler and RNG states: a killed run resumes exactly with `resume=True`), and
+    at the end the model (safetensors), the tokenizer, `ebt_train_options.json` and, last, `training_summary.json`
+    (see `modeling_ebt.checkpointing`)."""
+    with RunLock(options.output_dir, enabled=os.environ.get("RANK", "0") == "0"):
+        return _run_training(options, callbacks)
+
+
+def _run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None) -> dict[str, Any]:
     from .data import build_lm_datasets  # imported here: `datasets` is only needed to train
 
+    finished = _finished_run(options)
+    if finished is not None:
+        return finished
     checkpoint = check_output_dir(options)
     options = _resolve_options(options, checkpoint)
     options.check()
@@ -643,23 +723,55 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
                          eval_dataset=eval_data if options.eval_samples else None,
                          data_collator=default_data_collator, callbacks=callbacks)
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and checkpoint_step(checkpoint) >= args.max_steps:
+        result = _restore_last_step(trainer, checkpoint, main)
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
     metrics = trainer.evaluate() if options.eval_samples else {}
 
-    trainer.save_model(options.output_dir)
     summary = _summary(options, size, config, trainer, result, metrics, train_seconds,
                        stopped_by_time=bool(time_limit and time_limit.stopped))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(options.output_dir)
-        (Path(options.output_dir) / SUMMARY_FILENAME).write_text(json.dumps(summary, indent=2) + "\n")
-        if time_limit:  # the step count the re-planning ended with, for the record and for --resume
-            _record_planned_steps(options.output_dir, trainer.state.max_steps)
+    if time_limit and trainer.is_world_process_zero():  # the plan the re-planning ended with, for --resume
+        _record_planned_steps(options.output_dir, trainer.state.max_steps)
+    _save_final_model(trainer, tokenizer, Path(options.output_dir), summary)
     evaluated = (f"final eval loss {metrics['eval_last_step_loss']:.4f}" if "eval_last_step_loss" in metrics
                  else "not evaluated (--eval-samples 0)")
     _say(f"saved the model to {options.output_dir} after {summary['steps']} steps ({summary['tokens_seen']:,} "
          f"tokens); {evaluated}", main)
     return summary
+
+
+def _finished_run(options: TrainOptions) -> dict[str, Any] | None:
+    """On --resume of a run that saved its model and summary: that summary (nothing is trained)."""
+    path = Path(options.output_dir) / SUMMARY_FILENAME
+    if not options.resume or not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    _say(f"{options.output_dir} holds a finished run ({summary.get('steps')} steps, model saved): nothing to resume. "
+         "Pass --overwrite to train a new model there.", os.environ.get("RANK", "0") == "0")
+    return summary
+
+
+def _restore_last_step(trainer: EBTTrainer, checkpoint: Path, main: bool) -> TrainOutput:
+    """A run killed after its last checkpoint: the model is that checkpoint's, no step is trained again (the
+    Trainer would start one more epoch's step before it looks at max_steps)."""
+    _say(f"{checkpoint.name} already holds all {trainer.args.max_steps} steps: saving its weights as the model", main)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return TrainOutput(trainer.state.global_step, None, {})
+
+
+def _save_final_model(trainer: EBTTrainer, tokenizer, folder: Path, summary: dict[str, Any]) -> None:
+    """The model and tokenizer are written into `tmp-final/` and renamed into `folder` file by file; the summary,
+    renamed into place last, marks the run finished (until then `--resume` redoes this from the last checkpoint)."""
+    staging = folder / FINAL_STAGING
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        commit_files(staging, folder)
+        fault_point("final-committed")
+        write_text_atomic(folder / SUMMARY_FILENAME, json.dumps(summary, indent=2) + "\n")
 
 
 def _plan_steps(options: TrainOptions, model: nn.Module, train_data, args: TrainingArguments) -> int:
@@ -678,7 +790,7 @@ def _plan_steps(options: TrainOptions, model: nn.Module, train_data, args: Train
 def _record_planned_steps(output_dir: str, steps: int) -> None:
     path = Path(output_dir) / OPTIONS_FILENAME
     saved = json.loads(path.read_text(encoding="utf-8"))
-    path.write_text(json.dumps({**saved, "planned_steps": steps}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({**saved, "planned_steps": steps}, indent=2) + "\n")
 
 
 def _prepare_output_dir(options: TrainOptions) -> None:
@@ -690,6 +802,7 @@ def _prepare_output_dir(options: TrainOptions) -> None:
         for stale in STALE_ON_OVERWRITE:  # the evaluation of the old model must not describe the new one
             (folder / stale).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(folder)
     saved = dataclasses.asdict(options)
     saved["training_args"] = {key: REDACTED if SECRET_KEY.search(key) else value
                               for key, value in saved["training_args"].items()}
@@ -700,7 +813,7 @@ def _prepare_output_dir(options: TrainOptions) -> None:
         value = saved[key]
         if isinstance(value, str) and value not in names and Path(value).expanduser().exists():
             saved[key] = str(Path(value).expanduser().resolve())
-    (folder / OPTIONS_FILENAME).write_text(json.dumps(saved, indent=2) + "\n")
+    write_text_atomic(folder / OPTIONS_FILENAME, json.dumps(saved, indent=2) + "\n")
 
 
 def _load_tokenizer(name: str | None):
