@@ -242,8 +242,12 @@ class EBTTrainer(Trainer):
     `eval_perplexity` = exp(last step's cross-entropy), token-weighted over all processes. Predictions are never
     gathered unless `compute_metrics` asks for them, and then only the logits."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args=None, *more, **kwargs):
+        if args is not None and args.push_to_hub and args.hub_token:
+            # pushes during training upload a pickle of these arguments (training_args.bin) that `_save` cannot clean
+            raise ValueError("push_to_hub with hub_token would upload the token inside training_args.bin: give the "
+                             "token through the HF_TOKEN environment variable or `hf auth login` instead")
+        super().__init__(model, args, *more, **kwargs)
         # The model returns a per-batch mean loss and ignores `num_items_in_batch`: the Trainer must divide by the
         # gradient accumulation steps itself and must not rescale by the number of processes.
         self.model_accepts_loss_kwargs = False

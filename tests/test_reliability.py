@@ -205,6 +205,19 @@ def test_no_file_a_run_writes_holds_the_hub_token(tmp_path, corpus):
     assert args.hub_token is None and args.max_steps == 4  # the arguments themselves are kept
 
 
+def test_pushing_during_training_with_a_hub_token_argument_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    from modeling_ebt.training import EBTTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="alice/x", report_to="none",
+                             hub_token="hf_FakeTokenThatMustNotBeUploaded5678", use_cpu=True)
+    with pytest.raises(ValueError, match="upload the token inside training_args.bin: give the token through the "
+                                         "HF_TOKEN"):
+        EBTTrainer(model=EBTForCausalLM(EBTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)),
+                   args=args)
+
+
 # --- configuration validation -----------------------------------------------------------------------------------
 
 BAD_FIELDS = [
