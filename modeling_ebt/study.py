@@ -119,8 +119,11 @@ def score_ebt(name, model, corpus, batches, args: StudyArguments) -> list[dict[s
         rows.append({"model": name, "corpus": corpus, "steps": steps, "candidates": candidates, "langevin": langevin,
                      "loss": prediction_loss(model, batches, thinking, args.seed)})
     best = min(rows, key=lambda row: row["loss"])
-    for steps in {best["steps"], 2 * best["steps"]}:  # the best single knobs, combined
-        for candidates in {best["candidates"], max(args.candidates)} - {1}:
+    scored = {(row["steps"], row["candidates"], row["langevin"]) for row in rows}
+    for steps in sorted({best["steps"], 2 * best["steps"]}):  # the best single knobs, combined
+        for candidates in sorted({best["candidates"], max(args.candidates)} - {1}):
+            if (steps, candidates, best["langevin"]) in scored:
+                continue
             thinking = ThinkingConfig(steps=steps, num_candidates=candidates,
                                       langevin_noise=noise_of(model, args, best["langevin"]))
             rows.append({"model": name, "corpus": corpus, "steps": steps, "candidates": candidates,
