@@ -171,30 +171,9 @@ def mfu(flops_per_token, tokens_per_s, peak_tflops) -> float | None:
     return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
 
 
-_ROUND = None  # in a worker process: the barrier, the condition and the turn counter of its round
-
-
-def _join_round(barrier, condition, turn) -> None:
-    global _ROUND
-    _ROUND = (barrier, condition, turn)
-
-
-def _in_turn(measure: Callable[[dict], dict], spec: dict, index: int) -> dict:
-    """In a worker: wait until every process of the round has started and the `index - 1` before it have measured,
-    then measure while the others wait."""
-    barrier, condition, turn = _ROUND
-    barrier.wait()
-    with condition:
-        condition.wait_for(lambda: turn.value == index)
-    try:
-        log(f"{spec['name']}: measuring")
-        return measure(spec)
-    finally:
-        gc.collect()
-        release_free_memory()  # the process idles until the round ends
-        with condition:
-            turn.value += 1
-            condition.notify_all()
+def _measured(measure: Callable[[dict], dict], spec: dict) -> dict:
+    log(f"{spec['name']}: measuring")
+    return measure(spec)
 
 
 def _outcome(get_result: Callable[[], dict], name: str) -> tuple[dict | None, str | None]:
@@ -210,8 +189,9 @@ def _outcome(get_result: Callable[[], dict], name: str) -> tuple[dict | None, st
 
 
 def run_round(measure: Callable[[dict], dict], specs: list[dict]) -> list[tuple[dict | None, str | None]]:
-    """measure(spec) for every spec, one after the other. On CPU each in its own process, whose peak RSS is its own:
-    the processes start (import torch) together, then measure in the order of `specs`. On CUDA in this process
+    """measure(spec) for every spec, one after the other. On CPU each in a fresh process of its own, whose peak RSS
+    is its own, started when the one before has exited (idle workers would keep OpenMP threads that spin, or that
+    sleep and wake late under OMP_WAIT_POLICY=passive: either skews latency-bound rows). On CUDA in this process
     (peaks are reset per region)."""
     if specs[0]["device"] != "cpu":
         outcomes = []
@@ -221,10 +201,11 @@ def run_round(measure: Callable[[dict], dict], specs: list[dict]) -> list[tuple[
             torch.cuda.empty_cache()
         return outcomes
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: the environment set in main() applies
-    shared = (context.Barrier(len(specs), timeout=1800), context.Condition(), context.Value("i", 0))
-    with ProcessPoolExecutor(len(specs), mp_context=context, initializer=_join_round, initargs=shared) as pool:
-        futures = [pool.submit(_in_turn, measure, spec, index) for index, spec in enumerate(specs)]
-        return [_outcome(future.result, spec["name"]) for future, spec in zip(futures, specs)]
+    outcomes = []
+    for spec in specs:  # one process at a time, gone before the next starts: no idle worker holds CPU threads
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            outcomes.append(_outcome(pool.submit(_measured, measure, spec).result, spec["name"]))
+    return outcomes
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -506,7 +487,7 @@ def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> l
 def print_train(rows: list[dict], sanity: dict, timings: list, args, revision) -> None:
     print(f"bench train: size {args.size}, batch {args.batch_size} × seq {args.seq_len}, 2 descent steps, AdamW step "
           f"included; {args.device} {args.dtype}, torch threads {args.threads} (OMP_WAIT_POLICY "
-          f"{args.omp_wait_policy}); {args.warmup} warm-up + {args.steps} timed steps per row and round, "
+          f"{args.omp_wait_policy or 'unset'}); {args.warmup} warm-up + {args.steps} timed steps per row and round, "
           f"{args.rounds} round(s), rows of a group in turn; source {revision or 'unknown'}")
     benchmark.Compare(timings).print()
     print(format_table(
@@ -791,7 +772,7 @@ def run_generate_group(cases: list[GenCase], rowset: str, args, flop_cache: dict
 
 def print_generate(rows: list[dict], args, revision) -> None:
     print(f"bench generate: size {args.size}, variant {args.variant}, 2 descent steps, greedy; {args.device} "
-          f"{args.dtype}, torch threads {args.threads} (OMP_WAIT_POLICY {args.omp_wait_policy}); source "
+          f"{args.dtype}, torch threads {args.threads} (OMP_WAIT_POLICY {args.omp_wait_policy or 'unset'}); source "
           f"{revision or 'unknown'}.\nPer generated token = marginal cost (t(1+new) - t(1)) / new, medians over "
           f"`reps`; tok/s = batch * new / (t(1+new) - t(1)); FLOPs counted on one sequence, times the batch;\nmem "
           f"growth = peak {memory_name(args)} during the (1+new)-token call - before it (max over reps). Rows repeat "
@@ -899,8 +880,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=default_threads(),
                    help="torch intra-op threads (default: all usable cores)")
     p.add_argument("--omp-wait-policy", choices=["passive", "active"],
-                   default=os.environ.get("OMP_WAIT_POLICY", "passive").lower(),
-                   help="OMP_WAIT_POLICY of the workers (default: the environment's, else passive)")
+                   default=(os.environ.get("OMP_WAIT_POLICY") or "").lower() or None,
+                   help="OMP_WAIT_POLICY of the workers (default: the environment's, else OpenMP's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
@@ -981,7 +962,8 @@ def main(argv=None) -> int:
     if args.command == "summary":
         cmd_summary(args)
         return 0
-    os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # inherited by the spawned workers
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # inherited by the spawned workers
     payload = cmd_train(args) if args.command == "train" else cmd_generate(args)
     return 1 if any(r.get("error") for r in payload["rows"]) else 0
 
