@@ -36,13 +36,10 @@ from modeling_ebt.cli import main
 from modeling_ebt.convert_reference_checkpoint import infer_config
 
 from .test_accelerate import write_corpus
+from .test_cli import TINY as CLI_TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--model-arg", "hidden_size=32", "--model-arg", "num_hidden_layers=2", "--model-arg", "num_attention_heads=2",
-    "--model-arg", "intermediate_size=32", "--model-arg", "max_position_embeddings=33",
-    "--block-size", "32", "--batch-size", "2", "--no-progress", "--eval-samples", "0",
-]  # fmt: skip
+TINY = [*CLI_TINY, "--batch-size", "2", "--eval-samples", "0"]  # the later --batch-size wins
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
