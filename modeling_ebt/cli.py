@@ -82,19 +82,22 @@ def _load_model_and_tokenizer(model_dir: str):
     model = AutoModelForCausalLM.from_pretrained(folder)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    _check_tokenizer_fits(folder, tokenizer, model.config.vocab_size)
+    _check_tokenizer_fits(folder, tokenizer, model.config)
     return model, tokenizer
 
 
-def _check_tokenizer_fits(folder: Path, tokenizer, vocab_size: int) -> None:
-    """A folder without tokenizer files gets the byte-level EBTTokenizer (257 ids) from AutoTokenizer: refused for a
-    model of another vocabulary, as is any tokenizer with ids the model does not have."""
+def _check_tokenizer_fits(folder: Path, tokenizer, config) -> None:
+    """Any tokenizer with ids the model does not have is refused (`data.check_tokenizer_fits`), and so is the
+    byte-level EBTTokenizer (257 ids) that AutoTokenizer gives a folder without tokenizer files, for a model of
+    another vocabulary."""
+    from .data import check_tokenizer_fits
+
+    check_tokenizer_fits(tokenizer, config)
     saved = any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
-    if len(tokenizer) > vocab_size or (not saved and len(tokenizer) != vocab_size):
-        where = "the tokenizer saved with it" if saved else "no tokenizer is saved with it, and the default one"
-        raise ValueError(f"the model in {folder} has vocab_size={vocab_size} but {where} has {len(tokenizer)} ids: "
-                         "save the tokenizer the model was trained with into that folder "
-                         "(tokenizer.save_pretrained(folder))")
+    if not saved and len(tokenizer) != config.vocab_size:
+        raise ValueError(f"the model in {folder} has vocab_size={config.vocab_size} but no tokenizer is saved with it, "
+                         f"and the default one has {len(tokenizer)} ids: save the tokenizer the model was trained with "
+                         "into that folder (tokenizer.save_pretrained(folder))")
 
 
 def _run_generate(args: argparse.Namespace) -> int:
