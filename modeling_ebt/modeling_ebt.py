@@ -190,9 +190,13 @@ class EBTAttention(nn.Module):
         k, v = apply_rotary(self._heads(self.k_proj, hidden), cos, sin), self._heads(self.v_proj, hidden)
         return cache.update(k, v, cache_slot) if cache is not None else (k, v)
 
-    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None):
+    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None,
+                num_observed=None):
         """Observed stream (`context_kv` None): attend to the keys of this sequence (and the cache).
-        Candidate stream: attend to the observed `context_kv` plus each query's own key."""
+        Candidate stream: attend to the observed `context_kv` plus each query's own key.
+        Joint stream (`num_observed` given): both streams in one sequence, as the reference computes them."""
+        if num_observed is not None:
+            return self.joint_forward(hidden, cos, sin, attention_mask, num_observed), None
         q = apply_rotary(self._heads(self.q_proj, hidden), cos, sin)
         if context_kv is None:
             kv = self.key_values(hidden, cos, sin, cache, cache_slot)
@@ -201,6 +205,20 @@ class EBTAttention(nn.Module):
             kv = None
             out = attend(eager_attention, self, q, *context_kv, attention_mask, self.key_values(hidden, cos, sin))
         return self.o_proj(out.reshape(*hidden.shape[:-1], -1)), kv
+
+    def joint_forward(self, hidden, cos, sin, masks, num_observed):
+        """The reference's attention (the `recompute` baseline): `hidden` holds the observed tokens then the
+        candidates, projected together; the observed tokens attend among themselves under `masks[0]`, the
+        candidates to the observed keys under `masks[1]` plus each one's own key. The energy's gradient with respect
+        to the candidates therefore runs back through the observed stream too, as it does in the reference."""
+        q = apply_rotary(self._heads(self.q_proj, hidden), cos, sin)
+        k, v = self.key_values(hidden, cos, sin)
+        observed, candidates = slice(None, num_observed), slice(num_observed, None)
+        context = (k[:, :, observed], v[:, :, observed])
+        out_observed = eager_attention(self, q[:, :, observed], *context, masks[0], self.scaling)[0]
+        out_candidates = eager_attention(self, q[:, :, candidates], *context, masks[1], self.scaling,
+                                         self_kv=(k[:, :, candidates], v[:, :, candidates]))[0]
+        return self.o_proj(torch.cat((out_observed, out_candidates), dim=1).reshape(*hidden.shape[:-1], -1))
 
 
 class EBTDecoderLayer(nn.Module):
@@ -211,9 +229,10 @@ class EBTDecoderLayer(nn.Module):
         self.post_attention_layernorm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = EBTMLP(config)
 
-    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None):
+    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None,
+                num_observed=None):
         attn_out, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, context_kv, cache,
-                                      cache_slot)
+                                      cache_slot, num_observed)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, kv
@@ -530,8 +549,9 @@ class EBTModel(EBTPreTrainedModel):
         return self.energy_head(self.norm(hidden)).squeeze(-1).to(probs.dtype)
 
     def energy_recompute(self, input_ids, probs, landscape=0, attention_mask=None, position_ids=None) -> torch.Tensor:
-        """The reference's way, kept as a baseline and test oracle: both streams recomputed together through one
-        masked attention over all observed and candidate tokens (batch × seq candidates, one per position)."""
+        """The reference's way, kept as a baseline and test oracle: the observed tokens and the candidates (batch ×
+        seq, one per position) in one sequence, both streams recomputed by every call and every descent step
+        (`EBTAttention.joint_forward`)."""
         batch, seq = input_ids.shape
         prefix, device = self.num_prefix_tokens, input_ids.device
         observed = self.embed_tokens(input_ids)
@@ -544,16 +564,13 @@ class EBTModel(EBTPreTrainedModel):
         parts = [position_ids + prefix, position_ids + prefix + 1]  # observed tokens, then candidates
         if prefix:
             parts.insert(0, torch.zeros_like(position_ids[:, :1]))  # the landscape token
-        positions = torch.cat(parts, dim=1)
-        obs_index = torch.arange(n_obs, device=device)
-        query_index = torch.cat((obs_index, obs_index[prefix:]))  # candidate i sits after observed token i
-        mask = self._visible(query_index, obs_index, self._prefix_valid(attention_mask))
-        eye = torch.eye(n_obs + seq, dtype=torch.bool, device=device)
-        mask = torch.cat((mask.expand(batch, 1, -1, -1), eye[None, None, :, n_obs:].expand(batch, 1, -1, -1)), -1)
-        mask = mask | eye[None, None, :, :]
-        cos, sin = self.rotary_emb(hidden, positions)
+        cos, sin = self.rotary_emb(hidden, torch.cat(parts, dim=1))
+        obs_index, key_valid = torch.arange(n_obs, device=device), self._prefix_valid(attention_mask)
+        own_key = obs_index[:, None] == obs_index[None, :]  # padding rows see themselves: no empty softmax
+        masks = (self._visible(obs_index, obs_index, key_valid) | own_key,
+                 self._visible(obs_index[prefix:], obs_index, key_valid))  # candidate i sits after observed token i
         for layer in self.layers:
-            hidden, _ = layer(hidden, cos, sin, mask)
+            hidden, _ = layer(hidden, cos, sin, masks, num_observed=n_obs)
         return self.energy_head(self.norm(hidden[:, n_obs:])).squeeze(-1).to(probs.dtype)
 
     def forward(self, input_ids, candidate_probs, attention_mask=None, position_ids=None, cache=None,
