@@ -12,11 +12,11 @@ section says what each row measures.
 
 train: forward (energy descent with its second-order graph), backward, clipping, AdamW; rows ours, ours+ckpt,
 recompute (the reference's computation, the baseline) per variant and one Llama, and with `--reference-repo PATH` the
-reference code itself per variant (modeling_ebt.bench_reference); tokens/s = batch × seq / median step; the first step (same seed in every EBT
-row) gives FLOPs and the sanity line. generate: greedy, exactly N new tokens; per token = (t(1+N) − t(1)) / N, the
-1-token call (prefill) on its own; memory growth = peak during the call − before it. Row sets (`--rows`): standard,
-compiled (`model.compile_energy()` vs eager, batch 1), long (sliding window vs full attention); a new one is a
-`RowSet` in `GENERATE_ROW_SETS`.
+reference code itself per variant (modeling_ebt.bench_reference); tokens/s = batch × seq / median step; the first step
+(same seed in every EBT row) gives FLOPs and the sanity line. generate: greedy, exactly N new tokens; per token =
+(t(1+N) − t(1)) / N, the 1-token call (prefill) on its own; memory growth = peak during the call − before it. Row sets
+(`--rows`): standard, compiled (`model.compile_energy()` vs eager, batch 1), long (sliding window vs full attention);
+a new one is a `RowSet` in `GENERATE_ROW_SETS`.
 """
 
 from __future__ import annotations
