@@ -695,31 +695,50 @@ def leaves_inference_mode(method):
     return wrapper
 
 
-def keep_fsdp_weights_gathered(model: nn.Module) -> None:
-    """Make FSDP2 (`fully_shard`, as accelerate's FSDP2 preparation applies it) correct for the descent; without
-    FSDP units in `model` it does nothing.
+def keep_fsdp_weights_gathered(model: nn.Module) -> list[nn.Module]:
+    """Make FSDP2 (`fully_shard`, as accelerate's FSDP2 preparation applies it) correct for the descent; returns
+    the FSDP units of `model` (none without FSDP: then it does nothing).
 
     FSDP gathers a unit's weights in its forward and frees them after its forward and after its backward. The
     descent defeats both: it calls every layer again at each step, its `torch.autograd.grad` inside `forward` runs
     FSDP's backward hooks (which would free weights the rest of the forward still uses), and the outer backward
     differentiates those inner gradients through graph nodes that hold the weights with no FSDP hook to gather them
-    again. So every unit keeps its weights gathered through the forward and the outer backward (ZeRO-2's memory:
-    full weights on each process, gradients reduce-scattered and optimizer states sharded), and drops them before
-    the next forward, in a hook that runs before FSDP's own, so that FSDP gathers the optimizer's update then."""
+    again. So every unit keeps its weights gathered from its forward to the end of the outer backward (ZeRO-2's
+    memory during a step: full weights on each process; gradients are reduce-scattered and optimizer states stay
+    sharded), and `reshard_when_backward_ends` hands them back sharded."""
     if not torch.distributed.is_available():
-        return
+        return []
     from torch.distributed.fsdp import FSDPModule
 
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
     for unit in units:  # every call: a later set_reshard_after_*(True) would make the gradients silently wrong
         unit.set_reshard_after_forward(False, recurse=False)
         unit.set_reshard_after_backward(False, recurse=False)
-    if units and getattr(model, "_fsdp_refresh_hook", None) is None:
-        def drop_gathered_weights(module, args):  # FSDP refuses to reshard a unit during its forward: run before
-            for unit in units:
-                unit.reshard()
-        # registered now, after fully_shard registered its hooks, so that `prepend` puts it before them
-        model._fsdp_refresh_hook = model.register_forward_pre_hook(drop_gathered_weights, prepend=True)
+    return units
+
+
+def reshard_when_backward_ends(units: list[nn.Module], *outputs: torch.Tensor) -> None:
+    """Reshard the FSDP `units` once the backward through `outputs` ends, after FSDP's own end-of-backward callback
+    (queued at the backward's first step, before these hooks fire) has reduce-scattered the last gradients: the
+    optimizer, gradient clipping and the next forward then find the sharded parameters and gradients they find
+    without an EBT."""
+    queued = False
+
+    def reshard():
+        nonlocal queued
+        queued = False
+        for unit in units:
+            unit.reshard()
+
+    def queue_reshard(grad):
+        nonlocal queued
+        if not queued:
+            queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(reshard)  # as FSDP queues its own callback
+
+    for output in outputs if units else ():
+        if output.requires_grad:
+            output.register_hook(queue_reshard)
 
 
 def hashed_normal(keys: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
@@ -952,7 +971,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         thinking: per-call descent options (see `ThinkingConfig`). output_final_energies: also return the energy
         of the final logits (always computed with several candidates).
         """
-        keep_fsdp_weights_gathered(self)
+        fsdp_units = keep_fsdp_weights_gathered(self)
         if kwargs.get("fused_lm_head"):  # TRL's trainers ask for per-token log-probabilities (see `__setattr__`)
             return self.fused_lm_head_forward(input_ids, labels, attention_mask, position_ids, kwargs)
         thinking = thinking or ThinkingConfig()
@@ -970,6 +989,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if thinking.num_candidates > 1 or output_final_energies:
                 descent.final_energies = self._final_energies(energy_fn, descent, schedule[-1])
         descent = self._select_candidates(descent, thinking.num_candidates)
+        reshard_when_backward_ends(fsdp_units, descent.logits, descent.energies)
         loss, step_losses = self._loss(descent, labels, attention_mask, keep, energy_fn)
         return EBTCausalLMOutput(
             loss=loss, logits=descent.logits[-1], energies=descent.energies, step_losses=step_losses,
