@@ -115,6 +115,8 @@ def convert_state_dict(state: dict, config: EBTConfig) -> dict:
                 name = target.replace("{i}", match.group(1)) if match.groups() else target
                 if key.endswith(("wq.weight", "wk.weight")):
                     tensor = interleaved_to_halves(tensor, config.head_dim)
+                if key == "alpha":  # a 0-d scalar in the reference; a 1-element parameter here (FSDP shards it)
+                    tensor = tensor.reshape(1)
                 converted[name] = tensor.float().contiguous()
                 break
         else:

@@ -27,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput
 
@@ -236,7 +238,12 @@ class EBTDecoderLayer(nn.Module):
         self.mlp = EBTMLP(config)
 
     def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None,
-                num_observed=None):
+                num_observed=None, kv_only=False):
+        """(hidden, observed keys and values). `kv_only`: only the keys and values, for the last layer of the
+        observed stream (candidates need nothing else from it); through `forward`, so that wrappers such as FSDP
+        see the call. `num_observed`: `hidden` holds both streams (`EBTAttention.joint_forward`)."""
+        if kv_only:
+            return None, self.self_attn.key_values(self.input_layernorm(hidden), cos, sin, cache, cache_slot)
         attn_out, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, context_kv, cache,
                                       cache_slot, num_observed)
         hidden = hidden + attn_out
@@ -533,12 +540,9 @@ class EBTModel(EBTPreTrainedModel):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             slot = cache.slot(landscape, i) if cache is not None else None
-            if i == last:  # candidates only need the last layer's keys and values
-                context.kv.append(layer.self_attn.key_values(layer.input_layernorm(hidden), cos, sin, cache, slot))
-            else:
-                hidden, layer_kv = self._layer(layer, create_graph)(hidden, cos, sin, mask, cache=cache,
-                                                                    cache_slot=slot)
-                context.kv.append(layer_kv)
+            hidden, layer_kv = self._layer(layer, create_graph)(hidden, cos, sin, mask, cache=cache, cache_slot=slot,
+                                                                kv_only=i == last)
+            context.kv.append(layer_kv)
         return context
 
     def observe_and_energy(self, input_ids, probs, queries, landscape, position_ids, attention_mask, cache):
@@ -742,6 +746,52 @@ def leaves_inference_mode(method):
     return wrapper
 
 
+def keep_fsdp_weights_gathered(model: nn.Module) -> list[nn.Module]:
+    """Make FSDP2 (`fully_shard`, as accelerate's FSDP2 preparation applies it) correct for the descent; returns
+    the FSDP units of `model` (none without FSDP: then it does nothing).
+
+    FSDP gathers a unit's weights in its forward and frees them after its forward and after its backward. The
+    descent defeats both: it calls every layer again at each step, its `torch.autograd.grad` inside `forward` runs
+    FSDP's backward hooks (which would free weights the rest of the forward still uses), and the outer backward
+    differentiates those inner gradients through graph nodes that hold the weights with no FSDP hook to gather them
+    again. So every unit keeps its weights gathered from its forward to the end of the outer backward (ZeRO-2's
+    memory during a step: full weights on each process; gradients are reduce-scattered and optimizer states stay
+    sharded), and `reshard_when_backward_ends` hands them back sharded."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for unit in units:  # every call: a later set_reshard_after_*(True) would make the gradients silently wrong
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_backward(False, recurse=False)
+    return units
+
+
+def reshard_when_backward_ends(units: list[nn.Module], *outputs: torch.Tensor) -> None:
+    """Reshard the FSDP `units` once the backward through `outputs` ends, after FSDP's own end-of-backward callback
+    (queued at the backward's first step, before these hooks fire) has reduce-scattered the last gradients: the
+    optimizer, gradient clipping and the next forward then find the sharded parameters and gradients they find
+    without an EBT."""
+    queued = False
+
+    def reshard():
+        nonlocal queued
+        queued = False
+        for unit in units:
+            unit.reshard()
+
+    def queue_reshard(grad):
+        nonlocal queued
+        if not queued:
+            queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(reshard)  # as FSDP queues its own callback
+
+    for output in outputs if units else ():
+        if output.requires_grad:
+            output.register_hook(queue_reshard)
+
+
 def hashed_normal(keys: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Standard normal float32 noise of shape keys.shape × size that is a fixed function of (seed, key, index):
     the same for a key whatever batch it is in, on every run and device (Box–Muller over a splitmix64 hash)."""
@@ -763,6 +813,26 @@ def _hashed_uniform(x: torch.Tensor) -> torch.Tensor:
     return (((x >> 40) & (2**24 - 1)).float() + 0.5) / 2**24
 
 
+class AlphaAsVector(ConversionOps):
+    """Checkpoints written before α became a 1-element parameter hold it as a 0-d tensor: `from_pretrained` reads
+    them as shape (1,). Its own reverse: a saved α is already (1,)."""
+
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        (tensors,) = input_dict.values()
+        return {target_patterns[0]: tensors[0].reshape(1)}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return self
+
+
+def alpha_as_vector_on_load(module, state_dict, prefix, *args) -> None:
+    """`load_state_dict` of a state dict with the 0-d α of older checkpoints and of the reference code."""
+    key = prefix + "alpha"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
     """Energy descent over the candidate logits, the training loss, and `generate`."""
 
@@ -773,8 +843,10 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
     def __init__(self, config: EBTConfig):
         super().__init__(config)
         self.model = EBTModel(config)
-        self.alpha = nn.Parameter(torch.tensor(float(config.mcmc_step_size)),
+        # one element, not a 0-d scalar: FSDP shards only parameters of at least one dimension
+        self.alpha = nn.Parameter(torch.full((1,), float(config.mcmc_step_size)),
                                   requires_grad=config.mcmc_step_size_learnable)
+        self.register_load_state_dict_pre_hook(alpha_as_vector_on_load)
         self.gradient_checkpointing = False
         self.compiled_energy = None  # set by compile_energy()
         self.post_init()
@@ -950,6 +1022,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         thinking: per-call descent options (see `ThinkingConfig`). output_final_energies: also return the energy
         of the final logits (always computed with several candidates).
         """
+        fsdp_units = keep_fsdp_weights_gathered(self)
         if kwargs.get("fused_lm_head"):  # TRL's trainers ask for per-token log-probabilities (see `__setattr__`)
             return self.fused_lm_head_forward(input_ids, labels, attention_mask, position_ids, kwargs)
         thinking = thinking or ThinkingConfig()
@@ -967,6 +1040,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if thinking.num_candidates > 1 or output_final_energies:
                 descent.final_energies = self._final_energies(energy_fn, descent, schedule[-1])
         descent = self._select_candidates(descent, thinking.num_candidates)
+        reshard_when_backward_ends(fsdp_units, descent.logits, descent.energies)
         loss, step_losses = self._loss(descent, labels, attention_mask, keep, energy_fn)
         return EBTCausalLMOutput(
             loss=loss, logits=descent.logits[-1], energies=descent.energies, step_losses=step_losses,
@@ -1270,6 +1344,8 @@ def packed_step_logits(model, input_ids, attention_mask, position_ids) -> torch.
 
 # save_pretrained / push_to_hub copy this file (and configuration_ebt.py) next to the weights, with auto_map entries
 EBTModel.register_for_auto_class("AutoModel")
+register_checkpoint_conversion_mapping("EBTForCausalLM", [WeightConverter("alpha", "alpha", [AlphaAsVector()])],
+                                       overwrite=True)  # overwrite: the package and its copy as remote code
 EBTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 

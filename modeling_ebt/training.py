@@ -143,6 +143,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def step_size_of(model: nn.Module) -> torch.Tensor:
+    """The learned step size α as a 0-d tensor. Under FSDP it is a sharded DTensor between steps: gathered, a
+    collective, so every process calls this alike (as the Trainer's loss and callbacks do)."""
+    alpha = _unwrap(model).alpha.detach()
+    return (alpha.full_tensor() if hasattr(alpha, "full_tensor") else alpha).reshape(())
+
+
 def ebt_optimizer_groups(model: nn.Module, weight_decay: float, learning_rate: float) -> list[dict[str, Any]]:
     """The paper's parameter groups, for any torch optimizer:
 
@@ -272,7 +279,7 @@ class EBTTrainer(Trainer):
         if buffer is not None:  # System 2: part of the batch restarts from earlier batches' final logits
             inputs = buffer.extend(inputs, _unwrap(model))
         outputs = model(**inputs)
-        alpha = _unwrap(self.model).alpha.detach()  # a tensor: no host sync per batch
+        alpha = step_size_of(self.model)  # a tensor: no host sync per batch
         if model.training:
             self._train_stats.add(outputs, alpha)
             if buffer is not None:
@@ -421,7 +428,7 @@ class DescentGuard(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         alpha = getattr(_unwrap(model), "alpha", None) if model is not None else None
-        if alpha is not None and alpha.requires_grad and float(alpha.detach()) <= self.ALPHA_FLOOR:
+        if alpha is not None and alpha.requires_grad and float(step_size_of(model)) <= self.ALPHA_FLOOR:
             config = _unwrap(model).config
             raise DescentCollapseError(
                 f"the step size alpha reached its floor {self.ALPHA_FLOOR:g} at step {state.global_step} (it "
@@ -867,7 +874,7 @@ def _summary(options, size, config, trainer, result, metrics, train_seconds, sto
         "stopped_by_time_limit": stopped_by_time,
         "tokens_seen": steps * global_batch * options.block_size,
         "train_seconds_this_session": round(train_seconds, 1),
-        "alpha": float(model.alpha.detach()),
+        "alpha": float(step_size_of(model)),
         "final_train_loss": last.get("loss"),
         "final_train_step_losses": [last[k] for k in sorted(last) if k.startswith("loss_step_")],
         "final_energy_gap": last.get("energy_gap"),
