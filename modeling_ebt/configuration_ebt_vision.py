@@ -48,6 +48,8 @@ class EBTVisionConfig(PreTrainedConfig):
     """
 
     model_type = "ebt_vision"
+    # the Trainer's predictions are the denoised images alone (`images`; per-step outputs have a steps axis first)
+    keys_to_ignore_at_inference = ["step_images", "energies", "step_losses", "final_energies", "descent_steps"]
 
     image_size: int = 32
     patch_size: int = 4

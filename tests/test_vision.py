@@ -144,6 +144,21 @@ def test_rotary_2d_scores_depend_only_on_the_offset():
     assert score((1, 2), (3, 1)) == pytest.approx(score((4, 6), (6, 5)), abs=1e-6)  # float32 angles
     assert score((1, 2), (3, 1)) != pytest.approx(score((1, 2), (1, 3)), abs=1e-6)  # another offset, another score
     assert score((0, 0), (2, 0)) != pytest.approx(score((0, 0), (0, 2)), abs=1e-6)  # rows and columns differ
+    assert score((0, 0), (0, 2)) != pytest.approx(score((0, 0), (0, 0)), abs=1e-6)  # columns count too
+
+
+def test_rotary_2d_angles():
+    """Pair i < head_dim / 4 turns by row · θ_i, pair head_dim / 4 + i by column · θ_i, θ_i = theta^(−4i / head_dim),
+    in the split-halves layout (dimension j and j + head_dim / 2 form a pair)."""
+    model = tiny_denoiser(hidden_size=32, num_attention_heads=2)  # head_dim 16: 4 frequencies per axis
+    rows, cols = torch.tensor([0, 3, 1]), torch.tensor([0, 2, 5])
+    cos, sin = model.model.rotary_emb(torch.zeros(1), rows, cols)
+    theta = 10000.0 ** (-torch.arange(4) * 4 / 16)
+    angles = torch.cat((rows[:, None] * theta, cols[:, None] * theta), dim=1)  # tokens × 8 pairs
+    torch.testing.assert_close(cos[0], torch.cat((angles, angles), dim=1).cos())
+    torch.testing.assert_close(sin[0], torch.cat((angles, angles), dim=1).sin())
+    patch_rows, patch_cols = model.model.grid_positions("cpu")
+    assert (patch_rows[:6].tolist(), patch_cols[:6].tolist()) == ([0, 1, 1, 1, 1, 2], [0, 1, 2, 3, 4, 1])
 
 
 def test_energy_gradient_matches_finite_differences():
@@ -370,10 +385,14 @@ def test_stock_trainer_lowers_the_loss_on_a_fixed_batch(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=15, per_device_train_batch_size=8,
                              learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no",
                              disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=rows).train()
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
     with torch.no_grad():
-        after = float(model.eval()(pixel_values=noisy, labels=clean).loss)
-    assert after < 0.9 * before, (before, after)
+        after = model.eval()(pixel_values=noisy, labels=clean)
+    assert float(after.loss) < 0.9 * before, (before, float(after.loss))
+    predicted = trainer.predict(rows)  # the stock evaluation loop: predictions are the denoised images
+    torch.testing.assert_close(torch.as_tensor(predicted.predictions), after.images)
+    assert predicted.metrics["test_loss"] == pytest.approx(float(after.loss), rel=1e-5)
 
 
 TINY_FLAGS = ["--model-arg", "image_size=8", "--model-arg", "patch_size=2", "--model-arg", "hidden_size=16",
