@@ -28,14 +28,17 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import images
 from .bench import Target, _fmt, _json_safe, format_table, log, source_revision
-from .dit_baseline import DiTDenoiser
 from .training import ebt_optimizer_groups
+
+if TYPE_CHECKING:  # diffusers (the `vision` extra) is imported only when the DiT is built
+    from .dit_baseline import DiTDenoiser
 
 MODELS = ("ebt", "dit")
 QUICK = dict(size=8, patch_size=2, hidden_size=32, num_layers=2, num_heads=2, batch_size=4, max_steps=3,
@@ -141,6 +144,8 @@ def build_models(args) -> dict[str, torch.nn.Module]:
         torch.manual_seed(args.seed)
         models["ebt"] = build_ebt(args)
     if "dit" in args.models:
+        from .dit_baseline import DiTDenoiser
+
         target = args.dit_parameters or count_parameters(models["ebt"])
         torch.manual_seed(args.seed)
         models["dit"] = DiTDenoiser.with_parameters(target, args.size, args.patch_size, num_layers=args.num_layers,

@@ -23,6 +23,7 @@ from PIL import Image
 
 import modeling_ebt
 from modeling_ebt import bench, bench_denoise, images
+from modeling_ebt.dit_baseline import DiTDenoiser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_bench_dit_only_from_the_command_line(tmp_path):
 
 def test_dit_flops_per_pass_is_the_whole_call_divided_by_its_passes():
     torch.manual_seed(0)
-    model = bench_denoise.DiTDenoiser.from_size(8, 2, num_layers=1, num_heads=2, head_dim=8)
+    model = DiTDenoiser.from_size(8, 2, num_layers=1, num_heads=2, head_dim=8)
     noisy = images.add_noise(torch.zeros(1, 3, 8, 8))
     whole = bench_denoise.flops_of(lambda: model.denoise(noisy, steps=7))
     assert whole == 7 * bench_denoise.dit_flops_per_pass(model, noisy, 0.2) > 0
