@@ -11,7 +11,8 @@ Evaluation: ``--eval-images`` validation crops (a photo neither model trained on
 a fixed seed, the same noisy images for both models. PSNR (dB, [0, 1] units, of the mean squared error over the
 images, see ``images.psnr``) against forward passes per image: EBT ``steps × candidates`` (descent steps 1–8,
 candidates 1, 2, 4), DiT reverse steps from t* (5 … 200; above t* + 1 the chain is repeated on its own output, as
-the reference's ``infer_recurse_diffusion_n_times``). FLOPs per denoised image: ``torch.utils.flop_counter`` over
+the reference's ``infer_recurse_diffusion_n_times``; at the levels other than the training one, ``--dit-level-steps``,
+100 by default). FLOPs per denoised image: ``torch.utils.flop_counter`` over
 one image's whole denoising call for the EBT (its input-gradient backward included), and over one network
 evaluation times the passes for the DiT (the same count: its sampler's arithmetic is element-wise, not counted).
 Wall time: the call on all evaluation images, divided by their number.
@@ -67,8 +68,10 @@ def _models(text: str) -> list[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps, for a smoke test")
     p.add_argument("--models", type=_models, default=list(MODELS), help="ebt,dit (default both)")
-    p.add_argument("--size", type=int, default=32, help="crop size in pixels (default 32)")
-    p.add_argument("--scale", type=float, default=0.5, help="downscaling of the photos before cropping (0.5)")
+    p.add_argument("--size", type=int, default=16, help="crop size in pixels (default 16)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="downscaling of the photos before cropping (default size / 64: a crop covers 64×64 pixels of "
+                        "the photo)")
     p.add_argument("--stride", type=int, default=None, help="crop grid step (default size // 2)")
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=128, help="the EBT's width (the DiT is matched in parameters)")
@@ -86,10 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ebt-lr", type=float, default=1e-3)
     p.add_argument("--dit-lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of --max-steps, at most 200")
-    p.add_argument("--eval-images", type=int, default=64, help="validation crops evaluated (evenly spaced)")
+    p.add_argument("--eval-images", type=int, default=32, help="validation crops evaluated (evenly spaced)")
     p.add_argument("--ebt-steps", type=_ints, default=list(range(1, 9)), help="EBT descent steps (1..8)")
     p.add_argument("--candidates", type=_ints, default=[1, 2, 4], help="EBT candidates (1,2,4)")
-    p.add_argument("--dit-steps", type=_ints, default=[5, 10, 25, 50, 100, 200], help="DiT forward passes")
+    p.add_argument("--dit-steps", type=_ints, default=[5, 10, 25, 50, 100, 200],
+                   help="DiT forward passes at the training level")
+    p.add_argument("--dit-level-steps", type=_ints, default=[100],
+                   help="DiT forward passes at the other levels (default 100, the reference's chain)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="bench_denoise", help="where the picture grid goes (default bench_denoise)")
@@ -98,6 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def finalize_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Checks across options (--quick's values are the subcommand's defaults, set by bench.build_parser)."""
+    if args.scale is None:
+        args.scale = args.size / 64
     if args.size % args.patch_size:
         parser.error(f"--size {args.size} is not a multiple of --patch-size {args.patch_size}")
     if args.level not in args.levels:
@@ -283,12 +291,12 @@ def evaluate_ebt(model, clean, noisy, args, count_flops: bool) -> tuple[list[dic
 
 def evaluate_dit(model: DiTDenoiser, clean, noisy, level: float, args, count_flops: bool) -> tuple[list[dict], dict]:
     rows, pictures = [], {}
-    per_pass = dit_flops_per_pass(model, noisy, level) if count_flops else None
+    per_pass = dit_flops_per_pass(model, noisy, level)
     t_star = model.timestep_for_level(level)
-    for passes in args.dit_steps:
+    for passes in args.dit_steps if level == args.level else args.dit_level_steps:
         call = lambda x, p=passes: dit_denoise(model, x, level, p)  # noqa: E731
         steps, repeats = dit_schedule(passes, t_star)
-        flops = per_pass * passes if count_flops else None
+        flops = per_pass * passes
         row, denoised = measured_row(call, clean, noisy, passes, flops, steps=steps, repeats=repeats, t_star=t_star)
         rows.append(row)
         pictures[("dit", passes)] = denoised
@@ -395,9 +403,8 @@ def run(args) -> dict:
         if level == args.level:
             grid = save_grid(pictures, clean, levels[level], Path(args.output_dir) / "denoise_grid.png")
     for level, result in levels.items():
-        for name in ("ebt", "dit"):
-            if name in result and level != args.level:
-                result[name] = _with_flops_from(result[name], levels[args.level][name])
+        if "ebt" in result and level != args.level:
+            result["ebt"] = _with_flops_from(result["ebt"], levels[args.level]["ebt"])
     main = levels[args.level]
     found = targets(main)
     payload = dict(

@@ -207,7 +207,8 @@ def test_bench_levels_form_the_thinking_table(bench_run):
     assert levels["0.2"]["noisy_psnr"] == bench_run["noisy_psnr"]
     noisy = [levels[key]["noisy_psnr"] for key in ("0.1", "0.2", "0.3")]
     assert noisy[0] > noisy[1] > noisy[2]
-    assert [row["t_star"] for row in levels["0.1"]["dit"]][0] < 99 < levels["0.3"]["dit"][0]["t_star"]
+    assert levels["0.1"]["dit"][0]["t_star"] < 99 < levels["0.3"]["dit"][0]["t_star"]
+    assert [row["forward_passes"] for row in levels["0.1"]["dit"]] == [100]  # --dit-level-steps
     for key in ("0.1", "0.3"):  # FLOPs depend on the calls, not on the noise
         assert [row["flops"] for row in levels[key]["ebt"]] == [row["flops"] for row in bench_run["ebt"]]
 
