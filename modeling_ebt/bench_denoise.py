@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=128, help="the EBT's width (the DiT is matched in parameters)")
     p.add_argument("--num-layers", type=int, default=4, help="depth of both models (the DiT's moves if it must)")
-    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4, help="attention heads of both models")
     p.add_argument("--ebt-config", type=json.loads, default={},
                    help="extra EBTVisionConfig fields as a JSON object, e.g. '{\"mcmc_step_size\": 100}'")
     p.add_argument("--dit-parameters", type=int, default=None,
@@ -157,7 +157,7 @@ def build_models(args) -> dict[str, torch.nn.Module]:
         target = args.dit_parameters or count_parameters(models["ebt"])
         torch.manual_seed(args.seed)
         models["dit"] = DiTDenoiser.with_parameters(target, args.size, args.patch_size, num_layers=args.num_layers,
-                                                    train_level=args.level)
+                                                    num_heads=args.num_heads, train_level=args.level)
     return models
 
 

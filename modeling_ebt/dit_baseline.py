@@ -101,20 +101,21 @@ def dit_config_for_parameters(
 
 def _closest_width(target, image_size, patch_size, num_channels, num_layers, num_heads, min_head_dim):
     """Binary search on the head size (the count grows with it), then the better of the two neighbours."""
-    low, high = min_head_dim, 1024
+    head_dims = [size for size in range(min_head_dim, 1025) if num_heads * size % 4 == 0]
+    count = lambda index: count_dit_parameters(make(head_dims[index]))  # noqa: E731
     make = lambda head_dim: _transformer_config(  # noqa: E731
         image_size, patch_size, num_channels, num_layers, num_heads, head_dim
     )
-    if count_dit_parameters(make(low)) > target * 1.5:
+    if not head_dims or count(0) > target * 1.5:
         return None, None
+    low, high = 0, len(head_dims) - 1
     while high - low > 1:
         middle = (low + high) // 2
-        if count_dit_parameters(make(middle)) <= target:
+        if count(middle) <= target:
             low = middle
         else:
             high = middle
-    candidates = [(abs(count_dit_parameters(make(head_dim)) - target), head_dim) for head_dim in (low, high)]
-    best = make(min(candidates)[1])
+    best = make(head_dims[min((low, high), key=lambda index: abs(count(index) - target))])
     return best, count_dit_parameters(best)
 
 
@@ -197,10 +198,11 @@ class DiTDenoiser(torch.nn.Module):
         patch_size: int,
         num_channels: int = 3,
         num_layers: int | None = None,
+        num_heads: int = 4,
         train_level: float = DEFAULT_NOISE_LEVEL,
     ) -> DiTDenoiser:
         """A denoiser sized by :func:`dit_config_for_parameters` to ``target`` parameters ±5%."""
-        config = dit_config_for_parameters(target, image_size, patch_size, num_channels, num_layers)
+        config = dit_config_for_parameters(target, image_size, patch_size, num_channels, num_layers, num_heads)
         return cls(DiTTransformer2DModel(**config), reference_scheduler(train_level), train_level)
 
     # ------------------------------------------------------------------------------------------ schedule

@@ -185,6 +185,12 @@ def test_parameter_matching_within_five_percent(target, layers):
     assert sum(parameter.numel() for parameter in denoiser.parameters()) == count
 
 
+def test_parameter_matching_with_two_heads_keeps_the_width_a_multiple_of_four():
+    config = dit_config_for_parameters(15_000, image_size=8, patch_size=2, num_layers=2, num_heads=2)
+    assert config["num_attention_heads"] == 2 and config["num_attention_heads"] * config["attention_head_dim"] % 4 == 0
+    assert abs(count_dit_parameters(config) - 15_000) <= 750
+
+
 def test_parameter_matching_changes_depth_when_the_width_cannot_fit():
     config = dit_config_for_parameters(150_000, image_size=8, patch_size=2, num_layers=12)
     assert config["num_layers"] < 12 and config["attention_head_dim"] >= 8
