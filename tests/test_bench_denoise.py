@@ -165,10 +165,12 @@ def bench_run(tmp_path_factory):
     patch.setattr(bench_denoise, "ebt_classes", lambda: (ToyVisionConfig, ToyEnergyDenoiser))
     argv = ["denoise", "--quick", "--threads", "1", "--json", str(folder / "denoise.json"), "--output-dir",
             str(folder), "--ebt-config", json.dumps({"intermediate_size": 453, "mcmc_step_size": 0.3})]
+    threads = torch.get_num_threads()
     try:
         assert bench.main(argv) == 0
     finally:
         patch.undo()
+        torch.set_num_threads(threads)  # --threads 1 set it for the whole process
     return json.loads((folder / "denoise.json").read_text())
 
 
