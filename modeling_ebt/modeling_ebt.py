@@ -720,10 +720,11 @@ class EBTGenerateOutput(GenerateDecoderOnlyOutput):
 
 @dataclass
 class Descent:
-    """A finished descent: logits and energy of every step (steps × batch × queries [× vocab]), the steps each
-    query used, and (when asked) the energy of the final logits."""
+    """A finished descent: the state (language: logits; images: pixels) and the energy after every step (steps ×
+    the state's shape; steps × its leading axes), the steps each query used, and (when asked) the energy of the
+    final state."""
 
-    logits: torch.Tensor
+    states: torch.Tensor
     energies: torch.Tensor
     steps_used: torch.Tensor
     final_energies: torch.Tensor | None = None
@@ -833,7 +834,168 @@ def alpha_as_vector_on_load(module, state_dict, prefix, *args) -> None:
         state_dict[key] = state_dict[key].reshape(1)
 
 
-class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
+class EnergyDescentMixin:
+    """The energy descent ("thinking" loop) that every EBT runs, whatever its modality.
+
+    The state z of the descent is what is being predicted, in the form the model descends on: candidate logits for
+    language, the image's pixels for denoising. `prediction(z)` is what the energy function scores (softmax of the
+    logits, or the pixels themselves), and each step is
+
+        p = prediction(z + noise);  E = energy(p);  z' = p − α ∂E/∂p
+
+    with the method's options: energy landscapes per step (`time_embed`), random step counts and step sizes in
+    training, Langevin noise, truncation, no detaching between steps, activation checkpointing, an energy tolerance
+    (adaptive compute) and a finiteness check. One energy scores the last `prediction_dims` axes of the state (the
+    vocabulary for language, channels × height × width for images): energies, step counts and random step sizes
+    have the state's leading axes. A model using the mixin has `config` (the descent fields of `EBTConfig`),
+    `alpha`, `model` (its energy function), `training`, and `gradient_checkpointing`."""
+
+    prediction_dims = 1
+
+    def prediction(self, state: torch.Tensor) -> torch.Tensor:
+        """What the energy function scores for state z (the identity unless a model says otherwise)."""
+        return state
+
+    def _batch_shape(self, state: torch.Tensor) -> torch.Size:
+        """The axes of `state` with one energy each."""
+        return state.shape[:state.dim() - self.prediction_dims]
+
+    # --- the descent ------------------------------------------------------------------------------------------
+
+    def step_schedule(self, thinking: ThinkingConfig) -> list[int]:
+        """The energy landscape of each descent step."""
+        last = self.config.num_landscapes - 1
+        if thinking.steps is not None:
+            return [min(k, last) for k in range(thinking.steps)]
+        schedule = [min(k, last) for k in range(self.config.mcmc_num_steps)]
+        extra = self.config.randomize_mcmc_num_steps
+        if extra:
+            low = self.config.randomize_mcmc_num_steps_min
+            repeats = int(torch.randint(low, extra + 2, ())) if self.training else extra + 1
+            schedule = schedule[:-1] + [schedule[-1]] * repeats
+        return schedule
+
+    def step_size(self, thinking: ThinkingConfig, shape, device) -> torch.Tensor:
+        alpha = self.alpha.clamp(min=1e-4) if thinking.step_size is None else torch.tensor(thinking.step_size)
+        alpha = alpha.to(device, softmax_dtype(self.alpha))
+        scale = self.config.randomize_mcmc_step_size_scale
+        if self.training and scale > 1 and thinking.step_size is None:
+            alpha = alpha * torch.empty(*shape, 1, device=device).uniform_(1 / scale, scale)
+        return alpha
+
+    def descend(self, energy_fn, state, schedule, alpha, noise, create_graph) -> Descent:
+        """Gradient descent on the energy, as on the method page, for every step of `schedule`:
+            p = prediction(z + noise);  E = energy(p);  z = p − α ∂E/∂p"""
+        step_states, step_energies, finite = [], [], []
+        for k, landscape in enumerate(schedule):
+            state, energy, ok = self.descent_step(energy_fn, state, landscape, alpha, noise, create_graph,
+                                                  self._keeps_graph(k, len(schedule), create_graph))
+            step_states.append(state)
+            step_energies.append(energy)
+            finite.append(ok)
+        self._check_finite(finite, alpha)
+        steps_used = torch.full(self._batch_shape(state), len(schedule), dtype=torch.long, device=state.device)
+        return Descent(torch.stack(step_states), torch.stack(step_energies), steps_used)
+
+    def descend_until_converged(self, energy_fn, state, schedule, alpha, noise, create_graph, tolerance) -> Descent:
+        """`descend` that stops each query once its energy changes by less than `tolerance` between two steps
+        (adaptive compute); it stops early when all have (one host sync per step, the price of stopping)."""
+        step_states, step_energies, finite = [], [], []
+        active, previous, steps_used = None, None, 0
+        for k, landscape in enumerate(schedule):
+            updated, energy, ok = self.descent_step(energy_fn, state, landscape, alpha, noise, create_graph,
+                                                    self._keeps_graph(k, len(schedule), create_graph))
+            active = torch.ones(energy.shape, dtype=torch.bool, device=energy.device) if active is None else (
+                active & ((energy.detach() - previous).abs() >= tolerance))
+            moving = active.view(*active.shape, *[1] * self.prediction_dims)
+            state, previous = torch.where(moving, updated, state), energy.detach()
+            step_states.append(state)
+            step_energies.append(energy)
+            finite.append(ok)
+            steps_used = steps_used + active
+            if not active.any():
+                break
+        self._check_finite(finite, alpha)
+        return Descent(torch.stack(step_states), torch.stack(step_energies), steps_used)
+
+    def descent_step(self, energy_fn, state, landscape, alpha, noise, create_graph, keep_graph):
+        """One step from state z: p = prediction(z + noise), E = energy(p), z' = p − α ∂E/∂p. Returns z', E and a
+        flag tensor (energy finite, update finite), checked after the loop: no host sync per step."""
+        state = self._step_input(state, create_graph)
+        noisy = state + noise * torch.randn_like(state) if noise else state
+        probs, energy, grad = self._energy_and_gradient(energy_fn, noisy, landscape, keep_graph, create_graph)
+        updated = probs - alpha * grad
+        ok = torch.stack((torch.isfinite(energy).all() & torch.isfinite(grad).all(), torch.isfinite(updated).all()))
+        if not create_graph:
+            updated, energy = updated.detach(), energy.detach()
+        return updated, energy, ok
+
+    def _step_input(self, state, create_graph):
+        """Detach policy: each step starts from a detached state unless `no_mcmc_detach` keeps the chain's graph in
+        training."""
+        if not (create_graph and self.config.no_mcmc_detach) or not state.requires_grad:
+            return state.detach().requires_grad_()
+        return state
+
+    def _keeps_graph(self, k, num_steps, create_graph) -> bool:
+        """Truncation: with `truncate_mcmc` only the last step keeps its second-order graph."""
+        return create_graph and (not self.config.truncate_mcmc or k == num_steps - 1)
+
+    def _energy_and_gradient(self, energy_fn, state, landscape, keep_graph, create_graph):
+        """Checkpoint dispatch: in training with activation checkpointing, a step keeps only its inputs and its graph
+        is rebuilt in backward."""
+        args = (energy_fn, state, landscape, keep_graph, create_graph)
+        if keep_graph and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(self.energy_gradient, *args)
+        return self.energy_gradient(*args)
+
+    def energy_gradient(self, energy_fn, state, landscape, create_graph, retain_graph):
+        """The prediction of `state`, its energy, and the energy's gradient with respect to the prediction."""
+        probs = self.prediction(state)
+        energy = energy_fn(probs, landscape)
+        (grad,) = torch.autograd.grad(energy.sum(), probs, create_graph=create_graph, retain_graph=retain_graph)
+        return probs, energy, grad
+
+    def _check_finite(self, flags, alpha):
+        """One host sync per descent: the first step whose energy, gradient or update p − α∂E/∂p is not finite."""
+        flags = torch.stack(flags).cpu()
+        if bool(flags.all()):
+            return
+        k, kind = divmod(int((~flags).flatten().nonzero()[0]), 2)
+        step_size = f"{float(alpha.detach().float().mean()):.4g}"
+        if kind == 0:
+            raise FloatingPointError(
+                f"non-finite energy or energy gradient at descent step {k} (step size α={step_size}); the descent "
+                f"diverged: lower mcmc_step_size, check the weights and inputs, or train in float32")
+        raise FloatingPointError(
+            f"non-finite update p − α·∂E/∂p (the step's new state) at descent step {k}: the step size "
+            f"α={step_size} overflows; lower mcmc_step_size (the config field, or the per-call step size: generate's "
+            f"or denoise's mcmc_step_size, ThinkingConfig.step_size) by orders of magnitude")
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        """`activation_checkpointing_enable()` (or `TrainingArguments(activation_checkpointing=True)`): in training,
+        each descent step keeps only its inputs and its graph (candidate forward and input gradient) is rebuilt
+        during the backward, and so are the activations of each observed-stream layer: less memory for about one
+        more forward pass per step. `every_n_layers` does not apply (the unit is the descent step)."""
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
+            raise ValueError("EBT activation checkpointing needs use_reentrant=False: a descent step takes a gradient "
+                             "inside the checkpointed region, which the reentrant variant runs without autograd")
+        for module in (self, self.model):
+            module.gradient_checkpointing = enable
+            module._gradient_checkpointing_func = gradient_checkpointing_func
+
+    def _run_descent(self, energy_fn, start, schedule, thinking, create_graph) -> Descent:
+        """The descent from `start` under the per-call `thinking` options (step size, noise, tolerance)."""
+        alpha_shape = (*self._batch_shape(start), *[1] * (self.prediction_dims - 1))  # step_size adds the last 1
+        alpha = self.step_size(thinking, alpha_shape, start.device)
+        noise = self.config.langevin_dynamics_noise if thinking.langevin_noise is None else thinking.langevin_noise
+        if thinking.energy_tolerance is None:
+            return self.descend(energy_fn, start, schedule, alpha, noise, create_graph)
+        return self.descend_until_converged(energy_fn, start, schedule, alpha, noise, create_graph,
+                                            thinking.energy_tolerance)
+
+
+class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
     """Energy descent over the candidate logits, the training loss, and `generate`."""
 
     # the loss is a mean over this batch's tokens: the Trainer must scale it for gradient accumulation and DDP
@@ -867,28 +1029,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         self.compiled_energy = torch.compile(self.model.energy, **torch_compile_kwargs)
         return self
 
-    # --- the descent ------------------------------------------------------------------------------------------
-
-    def step_schedule(self, thinking: ThinkingConfig) -> list[int]:
-        """The energy landscape of each descent step."""
-        last = self.config.num_landscapes - 1
-        if thinking.steps is not None:
-            return [min(k, last) for k in range(thinking.steps)]
-        schedule = [min(k, last) for k in range(self.config.mcmc_num_steps)]
-        extra = self.config.randomize_mcmc_num_steps
-        if extra:
-            low = self.config.randomize_mcmc_num_steps_min
-            repeats = int(torch.randint(low, extra + 2, ())) if self.training else extra + 1
-            schedule = schedule[:-1] + [schedule[-1]] * repeats
-        return schedule
-
-    def step_size(self, thinking: ThinkingConfig, shape, device) -> torch.Tensor:
-        alpha = self.alpha.clamp(min=1e-4) if thinking.step_size is None else torch.tensor(thinking.step_size)
-        alpha = alpha.to(device, softmax_dtype(self.alpha))
-        scale = self.config.randomize_mcmc_step_size_scale
-        if self.training and scale > 1 and thinking.step_size is None:
-            alpha = alpha * torch.empty(*shape, 1, device=device).uniform_(1 / scale, scale)
-        return alpha
+    def prediction(self, logits: torch.Tensor) -> torch.Tensor:
+        """The candidate distribution softmax(z) (normalize_initial_condition, the paper), else the logits."""
+        return F.softmax(logits, dim=-1) if self.config.normalize_initial_condition else logits
 
     def initial_logits(self, position_ids: torch.Tensor, num_candidates: int = 1) -> torch.Tensor:
         """Starting logits, batch × (candidates · positions) × vocab, for queries at RoPE positions `position_ids`
@@ -907,106 +1050,6 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             keys = position_ids.repeat(1, num_candidates).long() + candidate * 2**24
             noise = hashed_normal(keys, self.config.vocab_size).to(dtype)
         return noise * self.config.gaussian_random_noise_scaling
-
-    def descend(self, energy_fn, logits, schedule, alpha, noise, create_graph) -> Descent:
-        """Gradient descent on the energy, as on the method page, for every step of `schedule`:
-            p = softmax(z + noise);  E = energy(p);  z = p − α ∂E/∂p"""
-        step_logits, step_energies, finite = [], [], []
-        for k, landscape in enumerate(schedule):
-            logits, energy, ok = self.descent_step(energy_fn, logits, landscape, alpha, noise, create_graph,
-                                                   self._keeps_graph(k, len(schedule), create_graph))
-            step_logits.append(logits)
-            step_energies.append(energy)
-            finite.append(ok)
-        self._check_finite(finite, alpha)
-        steps_used = torch.full(logits.shape[:-1], len(schedule), dtype=torch.long, device=logits.device)
-        return Descent(torch.stack(step_logits), torch.stack(step_energies), steps_used)
-
-    def descend_until_converged(self, energy_fn, logits, schedule, alpha, noise, create_graph, tolerance) -> Descent:
-        """`descend` that stops each query once its energy changes by less than `tolerance` between two steps
-        (adaptive compute); it stops early when all have (one host sync per step, the price of stopping)."""
-        step_logits, step_energies, finite = [], [], []
-        active, previous, steps_used = None, None, 0
-        for k, landscape in enumerate(schedule):
-            updated, energy, ok = self.descent_step(energy_fn, logits, landscape, alpha, noise, create_graph,
-                                                    self._keeps_graph(k, len(schedule), create_graph))
-            active = torch.ones(energy.shape, dtype=torch.bool, device=energy.device) if active is None else (
-                active & ((energy.detach() - previous).abs() >= tolerance))
-            logits, previous = torch.where(active[..., None], updated, logits), energy.detach()
-            step_logits.append(logits)
-            step_energies.append(energy)
-            finite.append(ok)
-            steps_used = steps_used + active
-            if not active.any():
-                break
-        self._check_finite(finite, alpha)
-        return Descent(torch.stack(step_logits), torch.stack(step_energies), steps_used)
-
-    def descent_step(self, energy_fn, logits, landscape, alpha, noise, create_graph, keep_graph):
-        """One step from logits z: p = softmax(z + noise), E = energy(p), z' = p − α ∂E/∂p. Returns z', E and a
-        flag tensor (energy finite, update finite), checked after the loop: no host sync per step."""
-        logits = self._step_input(logits, create_graph)
-        noisy = logits + noise * torch.randn_like(logits) if noise else logits
-        probs, energy, grad = self._energy_and_gradient(energy_fn, noisy, landscape, keep_graph, create_graph)
-        updated = probs - alpha * grad
-        ok = torch.stack((torch.isfinite(energy).all() & torch.isfinite(grad).all(), torch.isfinite(updated).all()))
-        if not create_graph:
-            updated, energy = updated.detach(), energy.detach()
-        return updated, energy, ok
-
-    def _step_input(self, logits, create_graph):
-        """Detach policy: each step starts from detached logits unless `no_mcmc_detach` keeps the chain's graph in
-        training."""
-        if not (create_graph and self.config.no_mcmc_detach) or not logits.requires_grad:
-            return logits.detach().requires_grad_()
-        return logits
-
-    def _keeps_graph(self, k, num_steps, create_graph) -> bool:
-        """Truncation: with `truncate_mcmc` only the last step keeps its second-order graph."""
-        return create_graph and (not self.config.truncate_mcmc or k == num_steps - 1)
-
-    def _energy_and_gradient(self, energy_fn, logits, landscape, keep_graph, create_graph):
-        """Checkpoint dispatch: in training with activation checkpointing, a step keeps only its inputs and its graph
-        is rebuilt in backward."""
-        args = (energy_fn, logits, landscape, keep_graph, create_graph)
-        if keep_graph and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(self.energy_gradient, *args)
-        return self.energy_gradient(*args)
-
-    def energy_gradient(self, energy_fn, logits, landscape, create_graph, retain_graph):
-        """The candidate distribution of `logits`, its energy, and the energy's gradient with respect to it."""
-        probs = F.softmax(logits, dim=-1) if self.config.normalize_initial_condition else logits
-        energy = energy_fn(probs, landscape)
-        (grad,) = torch.autograd.grad(energy.sum(), probs, create_graph=create_graph, retain_graph=retain_graph)
-        return probs, energy, grad
-
-    def _check_finite(self, flags, alpha):
-        """One host sync per descent: the first step whose energy, gradient or update p − α∂E/∂p is not finite."""
-        flags = torch.stack(flags).cpu()
-        if bool(flags.all()):
-            return
-        k, kind = divmod(int((~flags).flatten().nonzero()[0]), 2)
-        step_size = f"{float(alpha.detach().float().mean()):.4g}"
-        if kind == 0:
-            raise FloatingPointError(
-                f"non-finite energy or energy gradient at descent step {k} (step size α={step_size}); the descent "
-                f"diverged: lower mcmc_step_size, check the weights and inputs, or train in float32")
-        raise FloatingPointError(
-            f"non-finite update p − α·∂E/∂p (the step's logits) at descent step {k}: the step size α={step_size} "
-            f"overflows; lower mcmc_step_size (the config field, or generate's mcmc_step_size / "
-            f"ThinkingConfig.step_size) by orders of magnitude")
-
-    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
-        """`activation_checkpointing_enable()` (or `TrainingArguments(activation_checkpointing=True)`): in training,
-        each descent step keeps only its inputs and its graph (candidate forward and input gradient) is rebuilt
-        during the backward, and so are the activations of each observed-stream layer: less memory for about one
-        more forward pass per step. `every_n_layers` does not apply (the unit is the descent step)."""
-        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
-            raise ValueError("EBT activation checkpointing needs use_reentrant=False: a descent step takes a gradient "
-                             "inside the checkpointed region, which the reentrant variant runs without autograd")
-        for module in (self, self.model):
-            module.gradient_checkpointing = enable
-            module._gradient_checkpointing_func = gradient_checkpointing_func
 
     # --- forward ----------------------------------------------------------------------------------------------
 
@@ -1040,11 +1083,11 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             if thinking.num_candidates > 1 or output_final_energies:
                 descent.final_energies = self._final_energies(energy_fn, descent, schedule[-1])
         descent = self._select_candidates(descent, thinking.num_candidates)
-        reshard_when_backward_ends(fsdp_units, descent.logits, descent.energies)
+        reshard_when_backward_ends(fsdp_units, descent.states, descent.energies)
         loss, step_losses = self._loss(descent, labels, attention_mask, keep, energy_fn)
         return EBTCausalLMOutput(
-            loss=loss, logits=descent.logits[-1], energies=descent.energies, step_losses=step_losses,
-            step_logits=descent.logits if output_step_logits else None, final_energies=descent.final_energies,
+            loss=loss, logits=descent.states[-1], energies=descent.energies, step_losses=step_losses,
+            step_logits=descent.states if output_step_logits else None, final_energies=descent.final_energies,
             descent_steps=descent.steps_used, cache=cache if use_cache else None)
 
     def _cache_for(self, cache, use_cache, labels, thinking):
@@ -1082,18 +1125,9 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
                              f"{expected}, got {tuple(initial_logits.shape)}")
         return initial_logits.to(softmax_dtype(self.alpha)).repeat(1, num_candidates, 1)
 
-    def _run_descent(self, energy_fn, start, schedule, thinking, create_graph) -> Descent:
-        alpha = self.step_size(thinking, start.shape[:2], start.device)
-        noise = self.config.langevin_dynamics_noise if thinking.langevin_noise is None else thinking.langevin_noise
-        if thinking.energy_tolerance is None:
-            return self.descend(energy_fn, start, schedule, alpha, noise, create_graph)
-        return self.descend_until_converged(energy_fn, start, schedule, alpha, noise, create_graph,
-                                            thinking.energy_tolerance)
-
     def _final_energies(self, energy_fn, descent, landscape):
         with torch.no_grad():
-            final = descent.logits[-1]
-            return energy_fn(F.softmax(final, -1) if self.config.normalize_initial_condition else final, landscape)
+            return energy_fn(self.prediction(descent.states[-1]), landscape)
 
     def _energy_function(self, input_ids, attention_mask, position_ids, cache, keep, thinking, schedule,
                          create_graph):
@@ -1149,7 +1183,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
             index = best.view(*([1] * lead), *best.shape[:1], 1, n_keep, *([1] * rest))
             index = index.expand(*t.shape[:lead + 1], 1, *t.shape[lead + 2:])
             return t.gather(lead + 1, index).squeeze(lead + 1)
-        lead = {"logits": 1, "energies": 1}
+        lead = {"states": 1, "energies": 1}
         return Descent(**{f.name: pick(getattr(descent, f.name), lead.get(f.name, 0)) for f in fields(descent)})
 
     def _loss(self, descent, labels, attention_mask, keep, energy_fn):
@@ -1161,7 +1195,7 @@ class EBTForCausalLM(EBTPreTrainedModel, GenerationMixin):
         targets = torch.cat((targets[:, 1:], torch.full_like(targets[:, :1], -100)), dim=1)[:, keep]
         step_losses = torch.stack([
             F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-            for logits in descent.logits])
+            for logits in descent.states])
         if (targets == -100).all():
             raise ValueError("labels has no token to predict: every target is -100 or padding")
         loss = step_losses[-1] if self.config.truncate_mcmc else step_losses.mean()

@@ -677,7 +677,12 @@ def run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None 
     to the output dir, which one run at a time holds (`RunLock`). The output dir receives complete checkpoints only
     (`checkpoint-N`, with optimizer, scheduler and RNG states: a killed run resumes exactly with `resume=True`), and
     at the end the model (safetensors), the tokenizer, `ebt_train_options.json` and, last, `training_summary.json`
-    (see `modeling_ebt.checkpointing`)."""
+    (see `modeling_ebt.checkpointing`). `options.task == "denoise"` trains an image denoiser instead
+    (`modeling_ebt.training_vision`)."""
+    if options.task == "denoise":
+        from .training_vision import run_denoise_training
+
+        return run_denoise_training(options, callbacks)
     with RunLock(options.output_dir, enabled=os.environ.get("RANK", "0") == "0"):
         return _run_training(options, callbacks)
 
