@@ -306,7 +306,9 @@ def environment(args, revision: str | None) -> dict:
     import transformers
 
     cuda = args.device.startswith("cuda")
-    return dict(torch_threads=args.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), device=args.device,
+    return dict(torch_threads=args.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                ld_preload=os.environ.get("LD_PRELOAD"),  # e.g. tcmalloc (README "Benchmarks"), inherited by workers
+                device=args.device,
                 device_name=torch.cuda.get_device_name(torch.device(args.device)) if cuda else platform.processor(),
                 dtype=args.dtype, peak_tflops=args.peak_tflops, memory="cuda max_memory_allocated" if cuda else
                 "peak RSS", source_revision=revision, source_revision_at_end=source_revision(),
