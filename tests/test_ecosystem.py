@@ -200,8 +200,8 @@ def test_peft_lora_trains_with_the_trainer_saves_reloads_and_merges_to_the_same_
     lora.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(quiet_model(), tmp_path / "adapter").eval()
     with torch.no_grad():
-        # the same weights; float32 round-off only (the trained model's tensors may take other kernel paths)
-        torch.testing.assert_close(reloaded(probe).logits, expected, rtol=1e-5, atol=1e-5)
+        # the same weights; float32 round-off (other kernel paths for the trained tensors), amplified by the descent
+        torch.testing.assert_close(reloaded(probe).logits, expected, rtol=1e-4, atol=1e-4)
         merged = reloaded.merge_and_unload()
         assert isinstance(merged, EBTForCausalLM)
         torch.testing.assert_close(merged(probe).logits, expected, rtol=1e-4, atol=1e-4)
