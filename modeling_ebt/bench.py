@@ -13,11 +13,12 @@ a group run in turn (`--rounds` times); only ratios within a group meet the targ
 section says what each row measures.
 
 train: forward (energy descent with its second-order graph), backward, clipping, AdamW; rows ours, ours+ckpt,
-recompute per variant and one Llama; tokens/s = batch × seq / median step; the first step (same seed in every EBT
-row) gives FLOPs and the sanity line. generate: greedy, exactly N new tokens; per token = (t(1+N) − t(1)) / N, the
-1-token call (prefill) on its own; memory growth = peak during the call − before it. Row sets (`--rows`): standard,
-compiled (`model.compile_energy()` vs eager, batch 1), long (sliding window vs full attention); a new one is a
-`RowSet` in `GENERATE_ROW_SETS`.
+recompute (the reference's computation, the baseline) per variant and one Llama, and with `--reference-repo PATH` the
+reference code itself per variant (modeling_ebt.bench_reference); tokens/s = batch × seq / median step; the first step
+(same seed in every EBT row) gives FLOPs and the sanity line. generate: greedy, exactly N new tokens; per token =
+(t(1+N) − t(1)) / N, the 1-token call (prefill) on its own; memory growth = peak during the call − before it. Row sets
+(`--rows`): standard, compiled (`model.compile_energy()` vs eager, batch 1), long (sliding window vs full attention);
+a new one is a `RowSet` in `GENERATE_ROW_SETS`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import presets
+from . import bench_reference, presets
 
 # --- sizes and models -------------------------------------------------------------------------------------------
 
@@ -86,8 +87,9 @@ def random_ids(spec: dict, shape: tuple[int, int], low: int = 0) -> torch.Tensor
 
 
 def model_info(model) -> dict:
+    config = getattr(model, "config", None)  # the reference's model has none
     return dict(parameters=sum(p.numel() for p in model.parameters()),
-                attn_implementation=getattr(model.config, "_attn_implementation", None))
+                attn_implementation=getattr(config, "_attn_implementation", None))
 
 
 # --- the device: memory, peak FLOP/s, where a configuration runs --------------------------------------------------
@@ -231,8 +233,8 @@ def log(message: str) -> None:
 
 @dataclass
 class Target:
-    """A ratio and its target: `value` ≥ `threshold` (op ">=") or ≤ (op "<="). value None: not measured;
-    threshold None: a ratio reported for comparison, with no target."""
+    """A ratio and its target: `value` ≥ `threshold` (op ">="), ≤ (op "<=") or within `threshold` of 1 (op "±",
+    |value − 1| ≤ threshold). value None: not measured; threshold None: a ratio reported for comparison."""
 
     name: str
     value: float | None
@@ -243,6 +245,8 @@ class Target:
     def passed(self) -> bool | None:
         if self.threshold is None or self.value is None or not math.isfinite(self.value):
             return None
+        if self.op == "±":
+            return abs(self.value - 1) <= self.threshold
         return self.value >= self.threshold if self.op == ">=" else self.value <= self.threshold
 
     def as_dict(self) -> dict:
@@ -252,7 +256,8 @@ class Target:
         if self.threshold is None:
             return f"{self.name:<58} {_fmt(self.value):>9}   (for comparison, no target)"
         status = {True: "PASS", False: "MISS", None: "n/a"}[self.passed]
-        return f"{self.name:<58} {_fmt(self.value):>9}   target {self.op} {self.threshold:<8.4g} {status}"
+        target = f"1 ± {self.threshold:<4.4g}" if self.op == "±" else f"{self.op} {self.threshold:<8.4g}"
+        return f"{self.name:<58} {_fmt(self.value):>9}   target {target} {status}"
 
 
 def ratio(a, b) -> float | None:
@@ -301,7 +306,9 @@ def environment(args, revision: str | None) -> dict:
     import transformers
 
     cuda = args.device.startswith("cuda")
-    return dict(torch_threads=args.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), device=args.device,
+    return dict(torch_threads=args.threads, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                ld_preload=os.environ.get("LD_PRELOAD"),  # e.g. tcmalloc (README "Benchmarks"), inherited by workers
+                device=args.device,
                 device_name=torch.cuda.get_device_name(torch.device(args.device)) if cuda else platform.processor(),
                 dtype=args.dtype, peak_tflops=args.peak_tflops, memory="cuda max_memory_allocated" if cuda else
                 "peak RSS", source_revision=revision, source_revision_at_end=source_revision(),
@@ -332,11 +339,10 @@ def _spec(args, name: str, **fields) -> dict:
 
 # --- train ------------------------------------------------------------------------------------------------------
 
-TRAIN_TARGETS = {  # variant: (min ours/recompute tokens/s, max ours/recompute peak memory)
-    "default": (1.5, 0.50),
-    "time_embed": (1.2, 0.60),
-}
-TRAIN_LLAMA_TARGETS = (0.25, 3.4)  # min ours/Llama tokens/s, max ours/Llama peak memory
+TRAIN_TARGETS = (3.0, 0.25)  # min ours/recompute tokens/s, max ours/recompute peak memory (issue 14: 3×, 75% less)
+TRAIN_LLAMA_TARGETS = (0.25, 2.0)  # min ours/Llama tokens/s, max ours/Llama peak memory
+# the recompute baseline against the reference code, side by side: FLOPs within 5%, tokens/s and peak memory within 15%
+BASELINE_TOLERANCES = dict(flops_per_token=0.05, tokens_per_s=0.15, peak_memory=0.15)
 SANITY_SEED = 1234
 
 
@@ -346,7 +352,14 @@ class TrainJob:
     def __init__(self, spec: dict):
         from modeling_ebt import ThinkingConfig
 
-        self.model = build_model(spec).train()
+        self.reference = spec["model"] == "reference"
+        if self.reference:
+            torch.set_num_threads(spec["threads"])
+            torch.manual_seed(spec["seed"])
+            self.model = bench_reference.build_reference(spec["reference_repo"], spec["config"], spec["batch"],
+                                                         spec["seq"]).to(spec["device"]).train()
+        else:
+            self.model = build_model(spec).train()
         if spec["checkpointing"]:
             self.model.activation_checkpointing_enable()
         self.ids = random_ids(spec, (spec["batch"], spec["seq"]))
@@ -354,6 +367,8 @@ class TrainJob:
         self.extra = dict(thinking=ThinkingConfig(recompute=True)) if spec["recompute"] else {}
 
     def forward(self):
+        if self.reference:
+            return bench_reference.reference_forward(self.model, self.ids)
         return self.model(input_ids=self.ids, labels=self.ids, **self.extra)
 
     def update(self) -> None:
@@ -395,6 +410,10 @@ def train_cases(variants: list[str], args) -> list[dict]:
     cases = [dict(label=label, model="ebt", variant=variant, config=ebt_config(args.size, variant, positions),
                   recompute=label == "recompute", checkpointing=label == "ours+ckpt")
              for variant in variants for label in ("ours", "ours+ckpt", "recompute")]
+    if args.reference_repo:
+        cases += [dict(label="reference", model="reference", variant=variant, recompute=False, checkpointing=False,
+                       config=ebt_config(args.size, variant, positions), reference_repo=args.reference_repo)
+                  for variant in variants]
     cases.append(dict(label="llama", model="llama", variant=None, config=llama_config(args.size, positions),
                       recompute=False, checkpointing=False))
     return [_spec(args, f"train {case['variant'] or group}/{case['label']}", group=group, batch=args.batch_size,
@@ -472,7 +491,7 @@ def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> l
         return next((r for r in rows if r["label"] == label and r["variant"] == variant and not r["error"]), {})
 
     ours, rec, llama = row(mode, variant), row("recompute", variant), row("llama", None)
-    speed, memory = TRAIN_TARGETS[variant]
+    speed, memory = TRAIN_TARGETS
     peak = f"peak {memory_name(args)}"
     return [
         Target(f"{variant}: {mode}/recompute tokens/s", ratio(ours.get("tokens_per_s"), rec.get("tokens_per_s")),
@@ -484,6 +503,17 @@ def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> l
         Target(f"{variant}: {mode}/Llama {peak}", ratio(ours.get("peak_memory"), llama.get("peak_memory")), "<=",
                TRAIN_LLAMA_TARGETS[1]),
     ]
+
+
+def baseline_targets(variant: str, rows: list[dict], args) -> list[Target]:
+    """The recompute baseline against the reference code in the same run: recompute/reference per figure."""
+    def row(label):
+        return next((r for r in rows if r["label"] == label and r["variant"] == variant and not r["error"]), {})
+
+    rec, ref = row("recompute"), row("reference")
+    names = dict(flops_per_token="FLOPs/token", tokens_per_s="tokens/s", peak_memory=f"peak {memory_name(args)}")
+    return [Target(f"{variant}: recompute/reference {names[key]}", ratio(rec.get(key), ref.get(key)), "±", tolerance)
+            for key, tolerance in BASELINE_TOLERANCES.items()]
 
 
 def print_train(rows: list[dict], sanity: dict, timings: list, args, revision) -> None:
@@ -514,6 +544,8 @@ def cmd_train(args) -> dict:
     rows, sanity, timings = run_train_group(args.variants, args)
     targets = [target for variant in args.variants for mode in ("ours", "ours+ckpt")
                for target in train_targets(variant, rows, args, mode)]
+    if args.reference_repo:
+        targets += [target for variant in args.variants for target in baseline_targets(variant, rows, args)]
     print_train(rows, sanity, timings, args, revision)
     return finish("train", args, start, revision, rows, targets, sanity=sanity)
 
@@ -897,6 +929,9 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=_names(VARIANTS), default=list(VARIANTS),
                    help="comma-separated EBT variants (default: default,time_embed)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--reference-repo", metavar="PATH",
+                   help="a checkout of github.com/alexiglad/EBT: adds a row per variant training the reference code "
+                        "itself (needs pytorch_lightning and torchmetrics; see modeling_ebt/bench_reference.py)")
     p.add_argument("--one-group", action="store_true",
                    help="kept for old command lines: the variants always form one group, with one Llama")
 

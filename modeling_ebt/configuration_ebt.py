@@ -13,7 +13,43 @@ EBT_TYPES = ("default", "time_embed")
 INITIAL_CONDITIONS = ("random_noise", "zeros")
 
 
-class EBTConfig(PreTrainedConfig):
+class ValidatedConfig:
+    """Validation in one place, for the EBT configs (mixed in before `PreTrainedConfig`): every assignment of a field
+    (construction, `from_pretrained(..., field=value)`, later `config.field = value`) checks that field alone
+    (`field_rules`: field -> (check, what is expected)); `validate` checks all fields and the relations between them
+    (`_check_relations`), after construction, after loading (`from_dict`) and before `save_pretrained` writes
+    config.json. `intermediate_size` and `num_key_value_heads` default to `hidden_size` and `num_attention_heads`."""
+
+    field_rules = {}  # set per config class, below the rules
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = self.hidden_size
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.validate()
+
+    def __setattr__(self, key, value):
+        if key in self.field_rules:
+            _check_field(key, value, self.field_rules, type(self).__name__)
+        super().__setattr__(key, value)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config.validate()
+        return loaded
+
+    def validate(self):
+        super().validate()
+        for field in self.field_rules:
+            _check_field(field, getattr(self, field), self.field_rules, type(self).__name__)
+        self._check_relations()
+
+
+class EBTConfig(ValidatedConfig, PreTrainedConfig):
     r"""
     Transformer:
         vocab_size, hidden_size, intermediate_size (default: hidden_size, the reference's ffn multiplier 1),
@@ -87,34 +123,6 @@ class EBTConfig(PreTrainedConfig):
     no_mcmc_detach: bool = False
     contrastive_loss_coeff: float = 0.0
 
-    def __post_init__(self, **kwargs):
-        if self.intermediate_size is None:
-            self.intermediate_size = self.hidden_size
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        super().__post_init__(**kwargs)
-        self.validate()
-
-    # Validation in one place: every assignment of a field (construction, `from_pretrained(..., field=value)`, later
-    # `config.field = value`) checks that field alone (`FIELD_RULES`); `validate` checks all fields and the relations
-    # between them, after construction, after loading (`from_dict`) and before `save_pretrained` writes config.json.
-    def __setattr__(self, key, value):
-        if key in FIELD_RULES:
-            _check_field(key, value)
-        super().__setattr__(key, value)
-
-    @classmethod
-    def from_dict(cls, config_dict, **kwargs):
-        loaded = super().from_dict(config_dict, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        config.validate()
-        return loaded
-
-    def validate(self):
-        super().validate()
-        for field in FIELD_RULES:
-            _check_field(field, getattr(self, field))
-        self._check_relations()
 
     @property
     def head_dim(self) -> int:
@@ -218,6 +226,7 @@ def _check_field(field: str, value, rules: dict | None = None, owner: str = "EBT
         raise ValueError(f"{owner}.{field}={value!r} is invalid: expected {expected}.")
 
 
+EBTConfig.field_rules = FIELD_RULES
 EBTConfig.register_for_auto_class()  # save_pretrained / push_to_hub write this file and an auto_map entry
 
 __all__ = ["EBTConfig"]

@@ -15,12 +15,12 @@ image scripts agree), and every field is validated by the same rules as `EBTConf
 
 from transformers import PreTrainedConfig
 
-from .configuration_ebt import _NON_NEGATIVE_NUMBER, _POSITIVE_INT, FIELD_RULES, EBTConfig, _check_field, _is_finite
+from .configuration_ebt import _NON_NEGATIVE_NUMBER, _POSITIVE_INT, FIELD_RULES, EBTConfig, ValidatedConfig, _is_finite
 
 LOSS_TYPES = ("smooth_l1", "mse", "l1")
 
 
-class EBTVisionConfig(PreTrainedConfig):
+class EBTVisionConfig(ValidatedConfig, PreTrainedConfig):
     r"""
     Image and patches:
         image_size (square images of image_size × image_size pixels), patch_size (a divisor of image_size; the
@@ -79,33 +79,6 @@ class EBTVisionConfig(PreTrainedConfig):
     loss_type: str = "smooth_l1"
     candidate_noise: float = 0.1
 
-    def __post_init__(self, **kwargs):
-        if self.intermediate_size is None:
-            self.intermediate_size = self.hidden_size
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        super().__post_init__(**kwargs)
-        self.validate()
-
-    # as EBTConfig: a field is checked when assigned, all fields and their relations after construction and loading
-    def __setattr__(self, key, value):
-        if key in VISION_FIELD_RULES:
-            _check_field(key, value, VISION_FIELD_RULES, type(self).__name__)
-        super().__setattr__(key, value)
-
-    @classmethod
-    def from_dict(cls, config_dict, **kwargs):
-        loaded = super().from_dict(config_dict, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        config.validate()
-        return loaded
-
-    def validate(self):
-        super().validate()
-        for field in VISION_FIELD_RULES:
-            _check_field(field, getattr(self, field), VISION_FIELD_RULES, type(self).__name__)
-        self._check_relations()
-
     # the same derived values as a language EBT's
     head_dim = EBTConfig.head_dim
     evaluation_steps = EBTConfig.evaluation_steps
@@ -152,6 +125,7 @@ VISION_FIELD_RULES = {
     "candidate_noise": _NON_NEGATIVE_NUMBER,
 }
 
+EBTVisionConfig.field_rules = VISION_FIELD_RULES
 EBTVisionConfig.register_for_auto_class()  # save_pretrained writes this file and an auto_map entry
 
 __all__ = ["EBTVisionConfig"]

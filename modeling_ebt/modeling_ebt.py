@@ -192,9 +192,13 @@ class EBTAttention(nn.Module):
         k, v = apply_rotary(self._heads(self.k_proj, hidden), cos, sin), self._heads(self.v_proj, hidden)
         return cache.update(k, v, cache_slot) if cache is not None else (k, v)
 
-    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None):
+    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None,
+                num_observed=None):
         """Observed stream (`context_kv` None): attend to the keys of this sequence (and the cache).
-        Candidate stream: attend to the observed `context_kv` plus each query's own key."""
+        Candidate stream: attend to the observed `context_kv` plus each query's own key.
+        Joint stream (`num_observed` given): both streams in one sequence, as the reference computes them."""
+        if num_observed is not None:
+            return self.joint_forward(hidden, cos, sin, attention_mask, num_observed, cache, cache_slot)
         q = apply_rotary(self._heads(self.q_proj, hidden), cos, sin)
         if context_kv is None:
             kv = self.key_values(hidden, cos, sin, cache, cache_slot)
@@ -203,6 +207,26 @@ class EBTAttention(nn.Module):
             kv = None
             out = attend(eager_attention, self, q, *context_kv, attention_mask, self.key_values(hidden, cos, sin))
         return self.o_proj(out.reshape(*hidden.shape[:-1], -1)), kv
+
+    def joint_forward(self, hidden, cos, sin, masks, num_observed, cache=None, cache_slot=None):
+        """Both streams in one sequence: `hidden` holds the observed tokens then the candidates, projected together;
+        the observed tokens attend to their keys (and the cache's) under `masks[0]`, the candidates to the same keys
+        under `masks[1]` plus each one's own key. Without a cache this is the reference's computation (the
+        `recompute` baseline), where the energy's gradient runs back through the observed stream too; with one, the
+        folded first step of generation (`EBTModel.observe_and_energy`), whose cache gets detached keys and values.
+        Returns the output and the observed keys and values (cache included)."""
+        q = apply_rotary(self._heads(self.q_proj, hidden), cos, sin)
+        k, v = self.key_values(hidden, cos, sin)
+        observed, candidates = slice(None, num_observed), slice(num_observed, None)
+        context = (k[:, :, observed], v[:, :, observed])
+        if cache is not None:
+            context = cache.update(context[0].detach(), context[1].detach(), cache_slot)
+        attention_fn = eager_attention if cache is None else observed_attention_function(self.config)
+        out_observed = attend(attention_fn, self, q[:, :, observed], *context, masks[0])
+        out_candidates = attend(eager_attention, self, q[:, :, candidates], *context, masks[1],
+                                (k[:, :, candidates], v[:, :, candidates]))
+        out = torch.cat((out_observed, out_candidates), dim=1).reshape(*hidden.shape[:-1], -1)
+        return self.o_proj(out), context
 
 
 class EBTDecoderLayer(nn.Module):
@@ -213,14 +237,15 @@ class EBTDecoderLayer(nn.Module):
         self.post_attention_layernorm = EBTRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = EBTMLP(config)
 
-    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None, kv_only=False):
+    def forward(self, hidden, cos, sin, attention_mask, context_kv=None, cache=None, cache_slot=None,
+                num_observed=None, kv_only=False):
         """(hidden, observed keys and values). `kv_only`: only the keys and values, for the last layer of the
         observed stream (candidates need nothing else from it); through `forward`, so that wrappers such as FSDP
-        see the call."""
+        see the call. `num_observed`: `hidden` holds both streams (`EBTAttention.joint_forward`)."""
         if kv_only:
             return None, self.self_attn.key_values(self.input_layernorm(hidden), cos, sin, cache, cache_slot)
         attn_out, kv = self.self_attn(self.input_layernorm(hidden), cos, sin, attention_mask, context_kv, cache,
-                                      cache_slot)
+                                      cache_slot, num_observed)
         hidden = hidden + attn_out
         hidden = hidden + self.mlp(self.post_attention_layernorm(hidden))
         return hidden, kv
@@ -487,9 +512,9 @@ class EBTModel(EBTPreTrainedModel):
             return functools.partial(self._gradient_checkpointing_func, layer)
         return layer
 
-    def observe(self, input_ids, landscape=0, position_ids=None, attention_mask=None, cache=None,
-                create_graph=False) -> ObservedContext:
-        """Run the observed stream over `input_ids` (appending to `cache`) in energy landscape `landscape`."""
+    def _observed_inputs(self, input_ids, landscape, position_ids, attention_mask, cache):
+        """The observed stream's input hidden states, mask, rotary cos/sin and context (without keys and values yet)
+        for new tokens `input_ids` in landscape `landscape`."""
         batch, seq = input_ids.shape
         past = cache.past_length(landscape) if cache is not None else 0
         if position_ids is None:
@@ -504,20 +529,48 @@ class EBTModel(EBTPreTrainedModel):
         key_valid = self._prefix_valid(attention_mask)
         mask = self.attention_mask(index, keys, key_valid, see_self=True)
         cos, sin = self.rotary_emb(hidden, position)
-        kv, last = [], len(self.layers) - 1
+        drop = new - seq
+        return hidden, mask, cos, sin, ObservedContext([], keys, key_valid, index[drop:], position[:, drop:])
+
+    def observe(self, input_ids, landscape=0, position_ids=None, attention_mask=None, cache=None,
+                create_graph=False) -> ObservedContext:
+        """Run the observed stream over `input_ids` (appending to `cache`) in energy landscape `landscape`."""
+        hidden, mask, cos, sin, context = self._observed_inputs(input_ids, landscape, position_ids, attention_mask,
+                                                                cache)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             slot = cache.slot(landscape, i) if cache is not None else None
             hidden, layer_kv = self._layer(layer, create_graph)(hidden, cos, sin, mask, cache=cache, cache_slot=slot,
                                                                 kv_only=i == last)
-            kv.append(layer_kv)
-        drop = new - seq
-        return ObservedContext(kv, keys, key_valid, index[drop:], position[:, drop:])
+            context.kv.append(layer_kv)
+        return context
+
+    def observe_and_energy(self, input_ids, probs, queries, landscape, position_ids, attention_mask, cache):
+        """`observe` (appending to `cache`) and `energy` in one pass over the weights, for the first descent step of
+        a generated token in each landscape: per layer the new observed tokens and the candidates go through the
+        projections and the MLP together, so that at batch 1 the weights are read once for both. The observed rows
+        enter each layer detached: the energy's gradient does not run back through them (it is zero there), and
+        the cache holds no graph. Returns the candidates' energies and their inputs for the next steps."""
+        hidden, mask, cos, sin, context = self._observed_inputs(input_ids, landscape, position_ids, attention_mask,
+                                                                cache)
+        candidates = self.candidate_inputs(context, queries)
+        n_obs, masks = hidden.shape[1], (mask, candidates.mask)
+        joint_cos, joint_sin = torch.cat((cos, candidates.cos), dim=1), torch.cat((sin, candidates.sin), dim=1)
+        candidate_hidden = self.embed_candidates(probs)
+        for i, layer in enumerate(self.layers):
+            joint = torch.cat((hidden.detach(), candidate_hidden), dim=1)
+            joint, kv = layer(joint, joint_cos, joint_sin, masks, cache=cache, cache_slot=cache.slot(landscape, i),
+                              num_observed=n_obs)
+            hidden, candidate_hidden = joint[:, :n_obs], joint[:, n_obs:]
+            context.kv.append(kv)
+        energy = self.energy_head(self.norm(candidate_hidden)).squeeze(-1).to(probs.dtype)
+        return energy, candidates
 
     def candidate_inputs(self, context: ObservedContext, queries: torch.Tensor) -> CandidateInputs:
         """The candidate stream's inputs for candidates after new observed tokens `queries` (indices into the new
         tokens; repeated for several candidates)."""
         mask = self.attention_mask(context.index[queries], context.key_index, context.key_valid)
-        cos, sin = self.rotary_emb(context.kv[0][0], context.position[:, queries] + 1)
+        cos, sin = self.rotary_emb(self.embed_tokens.weight, context.position[:, queries] + 1)  # in the weights' dtype
         return CandidateInputs(context.kv, mask, cos, sin)
 
     def embed_candidates(self, probs: torch.Tensor) -> torch.Tensor:
@@ -534,8 +587,9 @@ class EBTModel(EBTPreTrainedModel):
         return self.energy_head(self.norm(hidden)).squeeze(-1).to(probs.dtype)
 
     def energy_recompute(self, input_ids, probs, landscape=0, attention_mask=None, position_ids=None) -> torch.Tensor:
-        """The reference's way, kept as a baseline and test oracle: both streams recomputed together through one
-        masked attention over all observed and candidate tokens (batch × seq candidates, one per position)."""
+        """The reference's way, kept as a baseline and test oracle: the observed tokens and the candidates (batch ×
+        seq, one per position) in one sequence, both streams recomputed by every call and every descent step
+        (`EBTAttention.joint_forward`)."""
         batch, seq = input_ids.shape
         prefix, device = self.num_prefix_tokens, input_ids.device
         observed = self.embed_tokens(input_ids)
@@ -548,16 +602,13 @@ class EBTModel(EBTPreTrainedModel):
         parts = [position_ids + prefix, position_ids + prefix + 1]  # observed tokens, then candidates
         if prefix:
             parts.insert(0, torch.zeros_like(position_ids[:, :1]))  # the landscape token
-        positions = torch.cat(parts, dim=1)
-        obs_index = torch.arange(n_obs, device=device)
-        query_index = torch.cat((obs_index, obs_index[prefix:]))  # candidate i sits after observed token i
-        mask = self._visible(query_index, obs_index, self._prefix_valid(attention_mask))
-        eye = torch.eye(n_obs + seq, dtype=torch.bool, device=device)
-        mask = torch.cat((mask.expand(batch, 1, -1, -1), eye[None, None, :, n_obs:].expand(batch, 1, -1, -1)), -1)
-        mask = mask | eye[None, None, :, :]
-        cos, sin = self.rotary_emb(hidden, positions)
+        cos, sin = self.rotary_emb(hidden, torch.cat(parts, dim=1))
+        obs_index, key_valid = torch.arange(n_obs, device=device), self._prefix_valid(attention_mask)
+        own_key = obs_index[:, None] == obs_index[None, :]  # padding rows see themselves: no empty softmax
+        masks = (self._visible(obs_index, obs_index, key_valid) | own_key,
+                 self._visible(obs_index[prefix:], obs_index, key_valid))  # candidate i sits after observed token i
         for layer in self.layers:
-            hidden, _ = layer(hidden, cos, sin, mask)
+            hidden, _ = layer(hidden, cos, sin, masks, num_observed=n_obs)
         return self.energy_head(self.norm(hidden[:, n_obs:])).squeeze(-1).to(probs.dtype)
 
     def forward(self, input_ids, candidate_probs, attention_mask=None, position_ids=None, cache=None,
@@ -1095,12 +1146,29 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
         # every landscape of the schedule (and the last one, for the contrastive term); all of them with a cache
         landscapes = set(schedule) | {self.config.num_landscapes - 1}
         queries = keep.repeat(n_cand)
+        energy = self.compiled_energy if self.compiled_energy is not None and not create_graph else self.model.energy
+        # a generated token (no more new tokens than candidates) observes each landscape in its first step there
+        folded = set(schedule) if self._folds(cache, input_ids, len(queries), create_graph) else set()
         with torch.set_grad_enabled(create_graph):
             inputs = {k: self.model.candidate_inputs(self.model.observe(input_ids, k, position_ids, attention_mask,
                                                                         cache, create_graph), queries)
-                      for k in range(self.config.num_landscapes) if k in landscapes or cache is not None}
-        energy = self.compiled_energy if self.compiled_energy is not None and not create_graph else self.model.energy
-        return lambda probs, landscape: energy(probs, inputs[landscape])
+                      for k in range(self.config.num_landscapes)
+                      if k not in folded and (k in landscapes or cache is not None)}
+
+        def energy_fn(probs, landscape):
+            if landscape in inputs:
+                return energy(probs, inputs[landscape])
+            result, inputs[landscape] = self.model.observe_and_energy(input_ids, probs, queries, landscape,
+                                                                      position_ids, attention_mask, cache)
+            return result
+        return energy_fn
+
+    def _folds(self, cache, input_ids, num_queries, create_graph) -> bool:
+        """Whether the first descent step in each landscape also observes the new tokens (`observe_and_energy`):
+        in generation with a cache, when the new tokens are no more than the candidates (a prompt's prefill, many
+        tokens for one candidate, observes on its own: folding it would add its rows to every backward)."""
+        return (cache is not None and not create_graph and self.compiled_energy is None
+                and input_ids.shape[1] <= num_queries)
 
     def _select_candidates(self, descent: Descent, n_cand: int) -> Descent:
         """Self-verification: per position, the candidate with the lowest final energy."""

@@ -220,7 +220,8 @@ class EBTForImageDenoising(EnergyDescentMixin, EBTVisionPreTrainedModel):
     def __init__(self, config: EBTVisionConfig):
         super().__init__(config)
         self.model = EBTVisionModel(config)
-        self.alpha = nn.Parameter(torch.tensor(float(config.mcmc_step_size)),
+        # one element, as the language model's: FSDP shards only parameters of at least one dimension
+        self.alpha = nn.Parameter(torch.full((1,), float(config.mcmc_step_size)),
                                   requires_grad=config.mcmc_step_size_learnable)
         self.gradient_checkpointing = False
         self.post_init()

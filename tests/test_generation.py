@@ -182,3 +182,37 @@ def test_generate_under_no_grad_and_inference_mode(tokenizer):
         assert torch.equal(greedy(model, **inputs), expected)
     with torch.inference_mode():
         assert torch.equal(greedy(model, **inputs), expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_generated_token_observes_in_its_first_descent_step(variant, tokenizer, monkeypatch):
+    """The folded step (observe_and_energy) gives the logits and energies of observing first, then descending, and
+    runs each layer once less per generated token: M steps in L landscapes cost M forward passes, not M + L.
+    In float64, so that the two orders of summation agree to round-off (each descent step amplifies it)."""
+    model = tiny_model(ebt_type=variant).double()
+    prompt = tokenizer("Now is the winter of our", return_tensors="pt")["input_ids"]
+    steps, calls = 3, []
+    thinking = ThinkingConfig(steps=steps)
+    model.model.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+
+    folds = type(model)._folds
+
+    @torch.no_grad()  # as in generate
+    def decode_step(fold):
+        monkeypatch.setattr(type(model), "_folds", lambda self, *args: fold and folds(self, *args))
+        cache = model.new_cache()
+        model(prompt, cache=cache, use_cache=True, logits_to_keep=1, thinking=thinking)
+        calls.clear()
+        out = model(torch.tensor([[101]]), cache=cache, use_cache=True, thinking=thinking, output_final_energies=True)
+        return out, len(calls), cache
+
+    folded, folded_calls, folded_cache = decode_step(True)
+    plain, plain_calls, plain_cache = decode_step(False)
+    torch.testing.assert_close(folded.logits, plain.logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(folded.energies, plain.energies, rtol=1e-10, atol=1e-10)
+    landscapes = model.config.num_landscapes
+    assert plain_calls == landscapes + steps + 1  # observe each landscape, the steps, the final energy
+    assert folded_calls == steps + 1
+    for a, b in zip(folded_cache.layers, plain_cache.layers):  # the same cache, holding no autograd graph
+        assert a.keys.grad_fn is None and a.values.grad_fn is None
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-12, atol=1e-12)
