@@ -221,8 +221,7 @@ class EBTAttention(nn.Module):
         context = (k[:, :, observed], v[:, :, observed])
         if cache is not None:
             context = cache.update(context[0].detach(), context[1].detach(), cache_slot)
-        attention_fn = eager_attention if cache is None else observed_attention_function(self.config)
-        out_observed = attend(attention_fn, self, q[:, :, observed], *context, masks[0])
+        out_observed = attend(observed_attention_function(self.config), self, q[:, :, observed], *context, masks[0])
         out_candidates = attend(eager_attention, self, q[:, :, candidates], *context, masks[1],
                                 (k[:, :, candidates], v[:, :, candidates]))
         out = torch.cat((out_observed, out_candidates), dim=1).reshape(*hidden.shape[:-1], -1)
@@ -661,6 +660,9 @@ class ThinkingConfig:
     step_size: override of the learned step size α. langevin_noise: std of the noise added before each step.
     num_candidates: descend from this many initial points and keep, per position, the lowest final energy.
     energy_tolerance: stop descending a position once its energy changes by less than this (adaptive compute).
+    accept_lower_energies: keep a step's update, per position, only if it lowers the energy of the current
+        prediction (the reference's `infer_accept_lower_energies`): the energy never rises with more steps. Inference
+        only; one more energy forward per step.
     recompute: compute both streams over the whole sequence at every step, as the reference does (baseline).
     """
 
@@ -669,6 +671,7 @@ class ThinkingConfig:
     langevin_noise: float | None = None
     num_candidates: int = 1
     energy_tolerance: float | None = None
+    accept_lower_energies: bool = False
     recompute: bool = False
 
     def __post_init__(self):
@@ -687,6 +690,9 @@ class ThinkingConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"thinking option {name}={getattr(self, name)!r} is invalid: expected {expected}")
+        if self.accept_lower_energies and self.energy_tolerance is not None:
+            raise ValueError("thinking options accept_lower_energies and energy_tolerance cannot be combined: choose "
+                             "one rule for when a position stops moving")
 
 
 @dataclass
@@ -758,8 +764,8 @@ def keep_fsdp_weights_gathered(model: nn.Module) -> list[nn.Module]:
     again. So every unit keeps its weights gathered from its forward to the end of the outer backward (ZeRO-2's
     memory during a step: full weights on each process; gradients are reduce-scattered and optimizer states stay
     sharded), and `reshard_when_backward_ends` hands them back sharded."""
-    if not torch.distributed.is_available():
-        return []
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return []  # FSDP needs a process group: one check, not a walk over the modules at every forward
     from torch.distributed.fsdp import FSDPModule
 
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
@@ -918,6 +924,28 @@ class EnergyDescentMixin:
         self._check_finite(finite, alpha)
         return Descent(torch.stack(step_states), torch.stack(step_energies), steps_used)
 
+    def descend_accepting_lower_energies(self, energy_fn, state, schedule, alpha, noise) -> Descent:
+        """Inference descent (no graph) in which each query keeps a step's update only if the update's energy is
+        below that of its current state (otherwise it stays where it is): the energy of the prediction never rises,
+        whatever the number of steps."""
+        step_states, step_energies, finite = [], [], []
+        for k, landscape in enumerate(schedule):
+            updated, energy, ok = self.descent_step(energy_fn, state, landscape, alpha, noise, False, False)
+            current = self._energy_of(energy_fn, state, landscape) if noise else energy
+            lower = self._energy_of(energy_fn, updated, landscape) < current
+            state = torch.where(lower.view(*lower.shape, *[1] * self.prediction_dims), updated, state)
+            step_states.append(state)
+            step_energies.append(energy)
+            finite.append(ok)
+        self._check_finite(finite, alpha)
+        steps_used = torch.full(self._batch_shape(state), len(schedule), dtype=torch.long, device=state.device)
+        return Descent(torch.stack(step_states), torch.stack(step_energies), steps_used)
+
+    def _energy_of(self, energy_fn, state, landscape) -> torch.Tensor:
+        """The energy of state z (of its prediction), without a graph."""
+        with torch.no_grad():
+            return energy_fn(self.prediction(state), landscape)
+
     def descent_step(self, energy_fn, state, landscape, alpha, noise, create_graph, keep_graph):
         """One step from state z: p = prediction(z + noise), E = energy(p), z' = p − α ∂E/∂p. Returns z', E and a
         flag tensor (energy finite, update finite), checked after the loop: no host sync per step."""
@@ -989,6 +1017,11 @@ class EnergyDescentMixin:
         alpha_shape = (*self._batch_shape(start), *[1] * (self.prediction_dims - 1))  # step_size adds the last 1
         alpha = self.step_size(thinking, alpha_shape, start.device)
         noise = self.config.langevin_dynamics_noise if thinking.langevin_noise is None else thinking.langevin_noise
+        if thinking.accept_lower_energies:
+            if self.training:
+                raise ValueError("thinking option accept_lower_energies is for inference: its accept/reject choice has "
+                                 "no gradient; call model.eval() first")
+            return self.descend_accepting_lower_energies(energy_fn, start, schedule, alpha, noise)
         if thinking.energy_tolerance is None:
             return self.descend(energy_fn, start, schedule, alpha, noise, create_graph)
         return self.descend_until_converged(energy_fn, start, schedule, alpha, noise, create_graph,
@@ -1126,8 +1159,7 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
         return initial_logits.to(softmax_dtype(self.alpha)).repeat(1, num_candidates, 1)
 
     def _final_energies(self, energy_fn, descent, landscape):
-        with torch.no_grad():
-            return energy_fn(self.prediction(descent.states[-1]), landscape)
+        return self._energy_of(energy_fn, descent.states[-1], landscape)
 
     def _energy_function(self, input_ids, attention_mask, position_ids, cache, keep, thinking, schedule,
                          create_graph):
@@ -1249,13 +1281,13 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
 
     @leaves_inference_mode
     def generate(self, inputs=None, generation_config=None, *, mcmc_num_steps=None, mcmc_step_size=None,
-                 langevin_dynamics_noise=None, num_candidates=None, energy_tolerance=None, recompute=None,
-                 **kwargs):
+                 langevin_dynamics_noise=None, num_candidates=None, energy_tolerance=None, accept_lower_energies=None,
+                 recompute=None, **kwargs):
         """`transformers` generation with energy descent for every new token.
 
         Thinking knobs (default: the model's `generation_config`, else the trained behaviour): mcmc_num_steps,
         mcmc_step_size, langevin_dynamics_noise, num_candidates (self-verification), energy_tolerance (adaptive
-        early stop); recompute=True generates the reference's way (no cache), as a baseline. With
+        early stop), accept_lower_energies (a step counts only where it lowers the energy); recompute=True generates the reference's way (no cache), as a baseline. With
         `return_dict_in_generate=True` the output carries `energies` and `descent_steps` per generated token.
         """
         config = generation_config or self.generation_config
@@ -1267,7 +1299,9 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
             steps=knob(mcmc_num_steps, "mcmc_num_steps"), step_size=knob(mcmc_step_size, "mcmc_step_size"),
             langevin_noise=knob(langevin_dynamics_noise, "langevin_dynamics_noise"),
             num_candidates=knob(num_candidates, "num_candidates", 1),
-            energy_tolerance=knob(energy_tolerance, "energy_tolerance"), recompute=bool(knob(recompute, "recompute")))
+            energy_tolerance=knob(energy_tolerance, "energy_tolerance"),
+            accept_lower_energies=bool(knob(accept_lower_energies, "accept_lower_energies")),
+            recompute=bool(knob(recompute, "recompute")))
         self._check_generation_request(inputs if inputs is not None else kwargs.get("input_ids"), config, kwargs)
         if thinking.recompute:
             kwargs["use_cache"] = False

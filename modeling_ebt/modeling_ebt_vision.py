@@ -251,8 +251,7 @@ class EBTForImageDenoising(EnergyDescentMixin, EBTVisionPreTrainedModel):
         with torch.enable_grad():
             descent = self._run_descent(self.model.energy, start, schedule, thinking, create_graph)
             if n_cand > 1 or output_final_energies:
-                with torch.no_grad():
-                    descent.final_energies = self.model.energy(descent.states[-1], schedule[-1])
+                descent.final_energies = self._energy_of(self.model.energy, descent.states[-1], schedule[-1])
         descent = self._select_candidates(descent, n_cand)
         loss, step_losses = self._loss(descent, labels)
         return EBTImageDenoisingOutput(

@@ -56,18 +56,23 @@ def llama_like(config) -> LlamaForCausalLM:
         pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id, bos_token_id=config.bos_token_id))
 
 
+def train_ebt(recipe, args: StudyArguments, train_data, tokenizer, out: Path) -> EBTForCausalLM:
+    """A fresh EBT of `args.size` with a recipe (a name, file or dict), trained on `train_data` in the study's
+    order, for the study's steps."""
+    recipe = load_recipe(recipe)
+    ids = {name: getattr(tokenizer, name) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    config = load_model_config(args.size, recipe, max_position_embeddings=args.block_size, **ids)
+    set_seed(args.seed)
+    model = EBTForCausalLM(config)
+    EBTTrainer(model=model, args=training_arguments(args, out, recipe["training"]), train_dataset=train_data,
+               data_collator=default_data_collator).train()
+    return model
+
+
 def train_models(args: StudyArguments, train_data, tokenizer) -> dict[str, Any]:
     """The three models, trained on `train_data` in the same order, each saved under output_dir/<name>."""
-    ids = {name: getattr(tokenizer, name) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
-    models = {}
-    for name, recipe_name in EBT_RECIPES.items():
-        recipe = load_recipe(recipe_name)
-        config = load_model_config(args.size, recipe, max_position_embeddings=args.block_size, **ids)
-        set_seed(args.seed)
-        models[name] = EBTForCausalLM(config)
-        out = Path(args.output_dir) / name
-        EBTTrainer(model=models[name], args=training_arguments(args, out, recipe["training"]),
-                   train_dataset=train_data, data_collator=default_data_collator).train()
+    models = {name: train_ebt(recipe, args, train_data, tokenizer, Path(args.output_dir) / name)
+              for name, recipe in EBT_RECIPES.items()}
     set_seed(args.seed)
     models["llama"] = llama_like(models["s1"].config)
     optimization = {**load_recipe(EBT_RECIPES["s1"])["training"], "learning_rate": args.llama_learning_rate}
@@ -98,11 +103,13 @@ def prediction_loss(model, batches, thinking: ThinkingConfig | None = None, seed
     return total / count
 
 
-def thinking_settings(model, args: StudyArguments) -> list[tuple[int, int, bool]]:
-    """(steps, candidates, langevin) rows of one EBT: steps alone, candidates alone, each with and without noise."""
+def thinking_settings(model, args: StudyArguments) -> list[tuple[int, int, bool, bool]]:
+    """(steps, candidates, langevin, accept_lower_energies) rows of one EBT: steps alone (every step kept, or only
+    those that lower the energy), candidates alone, each with and without noise."""
     trained = model.config.evaluation_steps
-    rows = [(s, 1, noisy) for s in args.steps for noisy in (False, True)]
-    rows += [(trained, n, noisy) for n in args.candidates for noisy in (False, True) if (trained, n, noisy) not in rows]
+    rows = [(s, 1, noisy, accept) for s in args.steps for noisy in (False, True) for accept in (False, True)]
+    rows += [(trained, n, noisy, False) for n in args.candidates for noisy in (False, True)
+             if (trained, n, noisy, False) not in rows]
     return rows
 
 
@@ -112,24 +119,25 @@ def noise_of(model, args: StudyArguments, langevin: bool) -> float:
 
 
 def score_ebt(name, model, corpus, batches, args: StudyArguments) -> list[dict[str, Any]]:
-    rows = []
-    for steps, candidates, langevin in thinking_settings(model, args):
-        thinking = ThinkingConfig(steps=steps, num_candidates=candidates,
+    def row(steps, candidates, langevin, accept, **extra):
+        thinking = ThinkingConfig(steps=steps, num_candidates=candidates, accept_lower_energies=accept,
                                   langevin_noise=noise_of(model, args, langevin))
-        rows.append({"model": name, "corpus": corpus, "steps": steps, "candidates": candidates, "langevin": langevin,
-                     "loss": prediction_loss(model, batches, thinking, args.seed)})
-    best = min(rows, key=lambda row: row["loss"])
-    scored = {(row["steps"], row["candidates"], row["langevin"]) for row in rows}
+        return {"model": name, "corpus": corpus, "steps": steps, "candidates": candidates, "langevin": langevin,
+                "accept_lower_energies": accept, "loss": prediction_loss(model, batches, thinking, args.seed), **extra}
+
+    rows = [row(*setting) for setting in thinking_settings(model, args)]
+    best = min(rows, key=lambda r: r["loss"])
+    scored = {setting_of(r) for r in rows}
     for steps in sorted({best["steps"], 2 * best["steps"]}):  # the best single knobs, combined
         for candidates in sorted({best["candidates"], max(args.candidates)} - {1}):
-            if (steps, candidates, best["langevin"]) in scored:
-                continue
-            thinking = ThinkingConfig(steps=steps, num_candidates=candidates,
-                                      langevin_noise=noise_of(model, args, best["langevin"]))
-            rows.append({"model": name, "corpus": corpus, "steps": steps, "candidates": candidates,
-                         "langevin": best["langevin"], "loss": prediction_loss(model, batches, thinking, args.seed),
-                         "combined": True})
+            setting = (steps, candidates, best["langevin"], best["accept_lower_energies"])
+            if setting not in scored:
+                rows.append(row(*setting, combined=True))
     return rows
+
+
+def setting_of(row) -> tuple:
+    return row["steps"], row["candidates"], row["langevin"], row.get("accept_lower_energies", False)
 
 
 def score(models, corpora: dict[str, list], args: StudyArguments) -> list[dict[str, Any]]:
@@ -138,7 +146,8 @@ def score(models, corpora: dict[str, list], args: StudyArguments) -> list[dict[s
         for name, model in models.items():
             if name == "llama":
                 results.append({"model": name, "corpus": corpus, "steps": None, "candidates": None,
-                                "langevin": None, "loss": prediction_loss(model, batches)})
+                                "langevin": None, "accept_lower_energies": None,
+                                "loss": prediction_loss(model, batches)})
             else:
                 results += score_ebt(name, model, corpus, batches, args)
     return results
@@ -196,15 +205,15 @@ def perplexity(loss: float) -> float:
 
 
 def table(report) -> str:
-    lines = ["model  corpus                          steps cand langevin   loss  ppl gain vs trained"]
+    lines = ["model  corpus                          steps cand langevin accept   loss  ppl gain vs trained"]
     trained = report["trained_steps"]
     for row in report["results"]:
         base = next((r["loss"] for r in report["results"] if r["model"] == row["model"] and
-                     r["corpus"] == row["corpus"] and r["steps"] == trained.get(row["model"]) and
-                     r["candidates"] == 1 and not r["langevin"]), row["loss"])
+                     r["corpus"] == row["corpus"] and setting_of(r) == (trained.get(row["model"]), 1, False, False)),
+                    row["loss"])
         gain = 100 * (1 - perplexity(row["loss"] - base))  # % of the trained setting's perplexity saved
         lines.append(f"{row['model']:6} {str(row['corpus'])[-31:]:31} {row['steps']!s:>5} {row['candidates']!s:>4} "
-                     f"{row['langevin']!s:>8} {row['loss']:6.4f} {perplexity(row['loss']):5.3g} {gain:+6.1f}%")
+                     f"{row['langevin']!s:>8} {row.get('accept_lower_energies')!s:>6} {row['loss']:6.4f} {perplexity(row['loss']):5.3g} {gain:+6.1f}%")
     return "\n".join(lines)
 
 

@@ -151,6 +151,45 @@ def test_adaptive_descent_uses_fewer_steps_on_easy_positions():
     assert fixed.descent_steps.unique().tolist() == [50]
 
 
+def test_accepting_only_lower_energies_keeps_a_step_where_it_lowers_the_energy_and_the_start_elsewhere():
+    # a large step on random weights overshoots at some positions: there the energy rises, and the state stays put
+    model = tiny_model(ebt_type="default", mcmc_step_size=300.0)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    start = torch.randn(2, 9, 257, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # both runs on the same kernels (α amplifies round-off)
+        plain = model(ids, initial_logits=start, thinking=ThinkingConfig(steps=1), output_final_energies=True)
+        accepted = model(ids, initial_logits=start, thinking=ThinkingConfig(steps=1, accept_lower_energies=True))
+    lower = plain.final_energies < plain.energies[0]  # E(softmax(z1)) against E(softmax(z0)), per position
+    assert lower.any() and not lower.all()
+    torch.testing.assert_close(accepted.logits, torch.where(lower[..., None], plain.logits, start))
+
+
+def test_accepting_only_lower_energies_makes_the_energy_fall_with_every_step():
+    # one landscape, so that the final energies of different step counts are comparable
+    model = tiny_model(ebt_type="default", mcmc_step_size=300.0)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+
+    def finals(accept):
+        return torch.stack([model(ids, thinking=ThinkingConfig(steps=steps, accept_lower_energies=accept),
+                                  output_final_energies=True).final_energies for steps in range(1, 7)])
+    plain, accepted = finals(False), finals(True)
+    assert (plain[1:] > plain[:-1] + 1e-4).any()  # the plain descent's energy rises somewhere with more steps
+    assert (accepted[1:] <= accepted[:-1] + 1e-5).all()
+    assert (accepted[-1] <= plain[0] + 1e-5).all()
+
+
+def test_accepting_lower_energies_is_for_inference_and_generates_as_without_a_cache(tokenizer):
+    model = tiny_model(ebt_type="time_embed", denoising_initial_condition="zeros", mcmc_step_size=300.0)
+    inputs = tokenizer(["To be, or not"], return_tensors="pt")
+    cached = greedy(model, **inputs, accept_lower_energies=True, mcmc_num_steps=3)
+    assert torch.equal(cached, greedy(model, **inputs, accept_lower_energies=True, mcmc_num_steps=3, recompute=True))
+    model.train()
+    with pytest.raises(ValueError, match="accept_lower_energies is for inference"):
+        model(inputs["input_ids"], labels=inputs["input_ids"], thinking=ThinkingConfig(accept_lower_energies=True))
+    with pytest.raises(ValueError, match="accept_lower_energies and energy_tolerance cannot be combined"):
+        ThinkingConfig(accept_lower_energies=True, energy_tolerance=1e-3)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mcmc_num_steps=0), "steps=0 is invalid: expected an integer >= 1"),
     (dict(num_candidates=0), "num_candidates=0 is invalid"),

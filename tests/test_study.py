@@ -51,10 +51,11 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
                                cache_dir=tmp_path / "cache")["validation"].select(range(4))
     batches = [{k: torch.as_tensor(v) for k, v in blocks[0:4].items()}]
     s1 = EBTForCausalLM.from_pretrained(out / "s1").eval()
-    row = next(r for r in rows if r["model"] == "s1" and r["corpus"] == "validation" and r["steps"] == 1
-               and r["candidates"] == 1 and not r["langevin"])
-    assert prediction_loss(s1, batches, ThinkingConfig(steps=1, langevin_noise=0.0)) == pytest.approx(row["loss"],
-                                                                                                    rel=1e-5)
+    for steps, accept in ((1, False), (2, True)):  # a plain row and one that keeps only steps lowering the energy
+        row = next(r for r in rows if r["model"] == "s1" and r["corpus"] == "validation" and r["steps"] == steps
+                   and r["candidates"] == 1 and not r["langevin"] and r["accept_lower_energies"] == accept)
+        thinking = ThinkingConfig(steps=steps, langevin_noise=0.0, accept_lower_energies=accept)
+        assert prediction_loss(s1, batches, thinking) == pytest.approx(row["loss"], rel=1e-5)
     llama = AutoModelForCausalLM.from_pretrained(out / "llama").eval()
     with torch.no_grad():
         expected = float(llama(**batches[0]).loss)
