@@ -135,6 +135,13 @@ class EBTConfig(ValidatedConfig, PreTrainedConfig):
         return self.mcmc_num_steps + self.randomize_mcmc_num_steps
 
     @property
+    def fewest_training_steps(self) -> int:
+        """The fewest descent steps System 2 training draws (the training steps when they are not random): the
+        paper's "no thinking" point and the reference's default number of inference steps."""
+        low = self.randomize_mcmc_num_steps_min if self.randomize_mcmc_num_steps else 1
+        return self.mcmc_num_steps - 1 + low
+
+    @property
     def num_landscapes(self) -> int:
         """Energy landscapes: one per training step for `time_embed`, a single one for `default`."""
         return self.mcmc_num_steps if self.ebt_type == "time_embed" else 1

@@ -181,12 +181,14 @@ def run_thinking_study(args: StudyArguments) -> dict[str, Any]:
     report = {
         "results": score(models, corpora, args),
         "trained_steps": {name: models[name].config.evaluation_steps for name in EBT_RECIPES},
+        "fewest_trained_steps": {name: models[name].config.fewest_training_steps for name in EBT_RECIPES},
         "tokens": {name: tokens for name in models},
         "loss": "cross-entropy of the final prediction, nats per token, on the same blocks for every model",
         "settings": {"size": args.size, "block_size": args.block_size, "batch_size": args.batch_size,
                      "max_steps": args.max_steps, "seed": args.seed, "eval_blocks": args.eval_samples,
                      "recipes": EBT_RECIPES},
     }
+    report["summary"] = summaries(report)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / STUDY_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
@@ -204,16 +206,52 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 700.0))
 
 
+def summarize(rows: list[dict], trained: int, fewest: int) -> dict[str, Any]:
+    """One EBT on one corpus: the loss at the trained (most) and the fewest trained steps, the best setting
+    (steps, candidates, langevin, accept_lower_energies) and its gain in % perplexity against both, and the loss at
+    2× and 4× the trained steps minus the trained loss ("thinking longer")."""
+    loss = {setting_of(r): r["loss"] for r in rows}
+    best = min(rows, key=lambda r: r["loss"])
+    at_trained, at_fewest = loss[(trained, 1, False, False)], loss[(fewest, 1, False, False)]
+    out = {"trained": at_trained, "fewest": at_fewest, "best": best["loss"], "best_setting": list(setting_of(best)),
+           "gain_pct": 100 * (1 - perplexity(best["loss"] - at_trained)),
+           "gain_vs_fewest_pct": 100 * (1 - perplexity(best["loss"] - at_fewest))}
+    for times in (2, 4):
+        for accept in (False, True):
+            if (times * trained, 1, False, accept) in loss:
+                key = f"longer_{times}x" + ("_accepting_lower" if accept else "")
+                out[key] = loss[(times * trained, 1, False, accept)] - at_trained
+    return out
+
+
+def summaries(report) -> list[dict[str, Any]]:
+    """`summarize` for every EBT and corpus of a study, with the Llama's loss beside it."""
+    out = []
+    for corpus in dict.fromkeys(r["corpus"] for r in report["results"]):
+        llama = next((r["loss"] for r in report["results"] if r["model"] == "llama" and r["corpus"] == corpus), None)
+        for name in report["trained_steps"]:
+            rows = [r for r in report["results"] if r["model"] == name and r["corpus"] == corpus]
+            out.append({"model": name, "corpus": corpus, "llama": llama, **summarize(
+                rows, report["trained_steps"][name], report["fewest_trained_steps"][name])})
+    return out
+
+
+def gain(report, row, steps_key: str) -> float:
+    """% of perplexity that `row` saves against its model's `steps_key` step count, one candidate, no noise (0 for
+    the Llama)."""
+    steps = report.get(steps_key, {}).get(row["model"])
+    base = next((r["loss"] for r in report["results"] if r["model"] == row["model"] and r["corpus"] == row["corpus"]
+                 and setting_of(r) == (steps, 1, False, False)), row["loss"])
+    return 100 * (1 - perplexity(row["loss"] - base))
+
+
 def table(report) -> str:
-    lines = ["model  corpus                          steps cand langevin accept   loss  ppl gain vs trained"]
-    trained = report["trained_steps"]
+    lines = ["model  corpus                          steps cand langevin accept   loss   ppl  gain vs trained, fewest"]
     for row in report["results"]:
-        base = next((r["loss"] for r in report["results"] if r["model"] == row["model"] and
-                     r["corpus"] == row["corpus"] and setting_of(r) == (trained.get(row["model"]), 1, False, False)),
-                    row["loss"])
-        gain = 100 * (1 - perplexity(row["loss"] - base))  # % of the trained setting's perplexity saved
         lines.append(f"{row['model']:6} {str(row['corpus'])[-31:]:31} {row['steps']!s:>5} {row['candidates']!s:>4} "
-                     f"{row['langevin']!s:>8} {row.get('accept_lower_energies')!s:>6} {row['loss']:6.4f} {perplexity(row['loss']):5.3g} {gain:+6.1f}%")
+                     f"{row['langevin']!s:>8} {row.get('accept_lower_energies')!s:>6} {row['loss']:6.4f} "
+                     f"{perplexity(row['loss']):5.3g} {gain(report, row, 'trained_steps'):+6.1f}% "
+                     f"{gain(report, row, 'fewest_trained_steps'):+6.1f}%")
     return "\n".join(lines)
 
 

@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from modeling_ebt.arguments import StudyArguments
-from modeling_ebt.study import blocks, perplexity, score_ebt, train_ebt
+from modeling_ebt.study import blocks, score_ebt, summarize, train_ebt
 from modeling_ebt.tokenization_ebt import EBTTokenizer
 from modeling_ebt.training import load_model_config, load_recipe, step_size_of
 
@@ -37,29 +36,10 @@ def recipe_of(base: str, change: dict) -> dict:
     return recipe
 
 
-def summary(rows: list[dict], trained: int) -> dict:
-    """Per corpus: the trained setting's loss, the best loss and setting, the gain in % perplexity, and the loss at
-    2× and 4× the trained steps minus the trained loss ("thinking longer")."""
-    out = {}
-    for corpus in dict.fromkeys(row["corpus"] for row in rows):
-        mine = [row for row in rows if row["corpus"] == corpus]
-        loss = {(r["steps"], r["candidates"], r["langevin"]): r["loss"] for r in mine}
-        base = loss[(trained, 1, False)]
-        best = min(mine, key=lambda r: r["loss"])
-        out[corpus] = {
-            "trained": round(base, 4), "best": round(best["loss"], 4),
-            "best_setting": [best["steps"], best["candidates"], best["langevin"]],
-            "gain_pct": round(100 * (1 - perplexity(best["loss"] - base)), 2),
-            "longer_2x": round(loss[(2 * trained, 1, False)] - base, 4),
-            "longer_4x": round(loss[(4 * trained, 1, False)] - base, 4),
-            "one_step": round(loss[(1, 1, False)] - base, 4)}
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", required=True, help="JSON file: name -> {model: {...}, training: {...}}")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these settings")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these settings, in this order")
     parser.add_argument("--base", default="s2-cpu", help="the recipe each setting changes")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--seeds", default="0")
@@ -80,21 +60,25 @@ def main():
         config = load_model_config(study.size, args.base, max_position_embeddings=study.block_size)
         train_data, validation = blocks(tokenizer, None, study, config)
         corpora = {"validation": validation, **{p: blocks(tokenizer, p, study, config)[1] for p in args.ood_corpus}}
-        for name, change in settings.items():
-            if (args.only and name not in args.only) or (name, seed) in done:
+        for name in args.only or settings:  # in the order given
+            change = settings[name]
+            if (name, seed) in done:
                 continue
             started = time.time()
             record = {"setting": name, "seed": seed, "change": change, "max_steps": args.max_steps}
             try:
                 model = train_ebt(recipe_of(args.base, change), study, train_data, tokenizer,
                                   Path(study.output_dir) / name).eval()
+                model.save_pretrained(Path(args.results).parent / "models" / f"{name}-seed{seed}")  # for later looks
                 trained = model.config.evaluation_steps
-                study.steps = sorted({1, trained, 2 * trained, 4 * trained})
+                study.steps = sorted({1, model.config.fewest_training_steps, trained, 2 * trained, 4 * trained})
                 record["train_seconds"] = round(time.time() - started, 1)
                 rows = [row for corpus, batches in corpora.items()
                         for row in score_ebt(name, model, corpus, batches, study)]
-                record.update(trained_steps=trained, alpha=float(step_size_of(model)),
-                              summary=summary(rows, trained), rows=rows)
+                fewest = model.config.fewest_training_steps
+                record.update(trained_steps=trained, fewest_trained_steps=fewest, alpha=float(step_size_of(model)),
+                              summary={corpus: summarize([r for r in rows if r["corpus"] == corpus], trained, fewest)
+                                       for corpus in corpora}, rows=rows)
             except Exception as error:  # a setting that collapses or diverges is a result too
                 record["error"] = f"{type(error).__name__}: {error}"
             record["seconds"] = round(time.time() - started, 1)

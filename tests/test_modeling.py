@@ -213,6 +213,21 @@ def test_system2_training_options_run_and_backpropagate():
     assert any(torch.equal(replayed["initial_logits"][4], row) for row in first.logits.detach())
     model.eval()
     assert len(model(ids, labels=ids).step_losses) == 3  # evaluation uses the maximum number of steps
+    assert (model.config.fewest_training_steps, model.config.evaluation_steps) == (2, 3)
+    model.train()  # the fewest and the most steps that training draws
+    assert {len(model(ids, labels=ids).step_losses) for _ in range(30)} == {2, 3}
+
+
+@pytest.mark.parametrize("fields, fewest, most", [
+    (dict(mcmc_num_steps=2), 2, 2),
+    (dict(mcmc_num_steps=3, randomize_mcmc_num_steps=4, randomize_mcmc_num_steps_min=1), 3, 7),
+    (dict(mcmc_num_steps=1, randomize_mcmc_num_steps=5, randomize_mcmc_num_steps_min=2), 2, 6),
+])
+def test_fewest_and_most_training_steps_are_those_training_draws(fields, fewest, most):
+    model = tiny_model(ebt_type="time_embed", **fields).train()
+    drawn = {len(model.step_schedule(ThinkingConfig())) for _ in range(200)}
+    assert (model.config.fewest_training_steps, model.config.evaluation_steps) == (fewest, most)
+    assert drawn == set(range(fewest, most + 1))
 
 
 @pytest.mark.parametrize("options", [

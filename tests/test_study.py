@@ -45,6 +45,23 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
                 and r["candidates"] == 1}
     assert {(1, False), (2, False), (1, True), (2, True)} <= s1_steps
     assert any(r["candidates"] == 2 for r in rows if r["model"] == "s2")
+    assert report["fewest_trained_steps"] == {"s1": 2, "s2": 2}  # s2-cpu draws 2 or 3 steps
+
+    # the summary: each EBT's losses at its fewest and most trained steps, its best row and the gains against both
+    assert len(report["summary"]) == 4
+    for entry in report["summary"]:
+        mine = [r for r in rows if r["model"] == entry["model"] and r["corpus"] == entry["corpus"]]
+
+        def plain(steps):
+            return next(r["loss"] for r in mine if (r["steps"], r["candidates"], r["langevin"],
+                                                    r["accept_lower_energies"]) == (steps, 1, False, False))
+        trained = report["trained_steps"][entry["model"]]
+        assert entry["trained"] == plain(trained) and entry["fewest"] == plain(2)
+        assert entry["best"] == min(r["loss"] for r in mine)
+        assert entry["gain_pct"] == pytest.approx(100 * (1 - math.exp(entry["best"] - entry["trained"])))
+        assert entry["gain_vs_fewest_pct"] == pytest.approx(100 * (1 - math.exp(entry["best"] - entry["fewest"])))
+        assert entry["llama"] == next(r["loss"] for r in rows if r["model"] == "llama"
+                                      and r["corpus"] == entry["corpus"])
 
     # each row is the loss of the saved model on the validation blocks, recomputed independently
     blocks = build_lm_datasets(EBTTokenizer(), str(TINY_SHAKESPEARE), block_size=32, validation_fraction=0.1,
