@@ -1117,7 +1117,7 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
                 descent.final_energies = self._final_energies(energy_fn, descent, schedule[-1])
         descent = self._select_candidates(descent, thinking.num_candidates)
         reshard_when_backward_ends(fsdp_units, descent.states, descent.energies)
-        loss, step_losses = self._loss(descent, labels, attention_mask, keep, energy_fn)
+        loss, step_losses = self._loss(descent, labels, attention_mask, keep, energy_fn, thinking.num_candidates)
         return EBTCausalLMOutput(
             loss=loss, logits=descent.states[-1], energies=descent.energies, step_losses=step_losses,
             step_logits=descent.states if output_step_logits else None, final_energies=descent.final_energies,
@@ -1218,7 +1218,7 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
         lead = {"states": 1, "energies": 1}
         return Descent(**{f.name: pick(getattr(descent, f.name), lead.get(f.name, 0)) for f in fields(descent)})
 
-    def _loss(self, descent, labels, attention_mask, keep, energy_fn):
+    def _loss(self, descent, labels, attention_mask, keep, energy_fn, num_candidates=1):
         if labels is None:
             return None, None
         targets = labels.clone()
@@ -1232,15 +1232,17 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
             raise ValueError("labels has no token to predict: every target is -100 or padding")
         loss = step_losses[-1] if self.config.truncate_mcmc else step_losses.mean()
         if self.config.contrastive_loss_coeff > 0:
-            contrastive = self._contrastive(descent.energies[-1], targets, energy_fn)
+            contrastive = self._contrastive(descent.energies[-1], targets, energy_fn, num_candidates)
             loss = loss + self.config.contrastive_loss_coeff * contrastive
         return loss, step_losses.detach()
 
-    def _contrastive(self, predicted_energy, targets, energy_fn):
-        """Cross-entropy that ranks the true next token's energy below the final prediction's."""
+    def _contrastive(self, predicted_energy, targets, energy_fn, num_candidates=1):
+        """Cross-entropy that ranks the true next token's energy below the final prediction's (of the chosen
+        candidate; `energy_fn` scores every candidate's queries, so the true token is scored once per candidate)."""
         valid = targets != -100
         one_hot = F.one_hot(targets.clamp(min=0), self.config.vocab_size).to(predicted_energy.dtype)
-        true_energy = energy_fn(one_hot, self.config.num_landscapes - 1)
+        true_energy = energy_fn(one_hot.repeat(1, num_candidates, 1), self.config.num_landscapes - 1)
+        true_energy = true_energy[:, :targets.shape[1]]
         scores = -torch.stack((true_energy, predicted_energy), dim=-1)[valid]
         return F.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device))
 

@@ -104,10 +104,11 @@ def prediction_loss(model, batches, thinking: ThinkingConfig | None = None, seed
 
 
 def thinking_settings(model, args: StudyArguments) -> list[tuple[int, int, bool, bool]]:
-    """(steps, candidates, langevin, accept_lower_energies) rows of one EBT: steps alone (every step kept, or only
-    those that lower the energy), candidates alone, each with and without noise."""
+    """(steps, candidates, langevin, accept_lower_energies) rows of one EBT: steps alone, with and without noise,
+    and without noise keeping only the steps that lower the energy; candidates alone, with and without noise."""
     trained = model.config.evaluation_steps
-    rows = [(s, 1, noisy, accept) for s in args.steps for noisy in (False, True) for accept in (False, True)]
+    rows = [(s, 1, noisy, accept) for s in args.steps for noisy, accept in ((False, False), (True, False),
+                                                                             (False, True))]
     rows += [(trained, n, noisy, False) for n in args.candidates for noisy in (False, True)
              if (trained, n, noisy, False) not in rows]
     return rows

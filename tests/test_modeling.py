@@ -218,6 +218,22 @@ def test_system2_training_options_run_and_backpropagate():
     assert {len(model(ids, labels=ids).step_losses) for _ in range(30)} == {2, 3}
 
 
+@pytest.mark.parametrize("num_candidates", [1, 3])
+def test_contrastive_term_is_the_true_tokens_energy_ranked_below_the_prediction(num_candidates):
+    import torch.nn.functional as F
+
+    model = tiny_model(ebt_type="default", contrastive_loss_coeff=0.5)
+    ids = batch(shape=(2, 10))
+    with torch.no_grad():
+        out = model(ids, labels=ids, thinking=ThinkingConfig(num_candidates=num_candidates))
+        # E(one-hot of the next token), from outside: a start so peaked that its softmax is the one-hot itself
+        nxt = torch.cat((ids[:, 1:], ids[:, :1]), dim=1)
+        true_energy = model(ids, initial_logits=1e4 * F.one_hot(nxt, 257).float(),
+                            thinking=ThinkingConfig(steps=1)).energies[0]
+    contrastive = F.softplus(true_energy - out.energies[-1])[:, :-1].mean()  # the last position has no target
+    torch.testing.assert_close(out.loss, out.step_losses.mean() + 0.5 * contrastive)
+
+
 @pytest.mark.parametrize("fields, fewest, most", [
     (dict(mcmc_num_steps=2), 2, 2),
     (dict(mcmc_num_steps=3, randomize_mcmc_num_steps=4, randomize_mcmc_num_steps_min=1), 3, 7),
