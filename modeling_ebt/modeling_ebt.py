@@ -889,57 +889,51 @@ class EnergyDescentMixin:
             alpha = alpha * torch.empty(*shape, 1, device=device).uniform_(1 / scale, scale)
         return alpha
 
-    def descend(self, energy_fn, state, schedule, alpha, noise, create_graph) -> Descent:
+    def descend(self, energy_fn, state, schedule, alpha, noise, create_graph, moves=None) -> Descent:
         """Gradient descent on the energy, as on the method page, for every step of `schedule`:
-            p = prediction(z + noise);  E = energy(p);  z = p − α ∂E/∂p"""
+            p = prediction(z + noise);  E = energy(p);  z = p − α ∂E/∂p
+        `moves(state, updated, energy, landscape) -> (moving, done)`, when given, says which queries take the step
+        (the others keep their state) and whether the descent may end here."""
         step_states, step_energies, finite = [], [], []
-        for k, landscape in enumerate(schedule):
-            state, energy, ok = self.descent_step(energy_fn, state, landscape, alpha, noise, create_graph,
-                                                  self._keeps_graph(k, len(schedule), create_graph))
-            step_states.append(state)
-            step_energies.append(energy)
-            finite.append(ok)
-        self._check_finite(finite, alpha)
-        steps_used = torch.full(self._batch_shape(state), len(schedule), dtype=torch.long, device=state.device)
-        return Descent(torch.stack(step_states), torch.stack(step_energies), steps_used)
-
-    def descend_until_converged(self, energy_fn, state, schedule, alpha, noise, create_graph, tolerance) -> Descent:
-        """`descend` that stops each query once its energy changes by less than `tolerance` between two steps
-        (adaptive compute); it stops early when all have (one host sync per step, the price of stopping)."""
-        step_states, step_energies, finite = [], [], []
-        active, previous, steps_used = None, None, 0
+        steps_used = torch.zeros(self._batch_shape(state), dtype=torch.long, device=state.device)
         for k, landscape in enumerate(schedule):
             updated, energy, ok = self.descent_step(energy_fn, state, landscape, alpha, noise, create_graph,
                                                     self._keeps_graph(k, len(schedule), create_graph))
-            active = torch.ones(energy.shape, dtype=torch.bool, device=energy.device) if active is None else (
-                active & ((energy.detach() - previous).abs() >= tolerance))
-            moving = active.view(*active.shape, *[1] * self.prediction_dims)
-            state, previous = torch.where(moving, updated, state), energy.detach()
+            moving, done = (True, False) if moves is None else moves(state, updated, energy, landscape)
+            state = updated if moves is None else torch.where(
+                moving.view(*moving.shape, *[1] * self.prediction_dims), updated, state)
             step_states.append(state)
             step_energies.append(energy)
             finite.append(ok)
-            steps_used = steps_used + active
-            if not active.any():
+            steps_used = steps_used + moving
+            if done:
                 break
         self._check_finite(finite, alpha)
         return Descent(torch.stack(step_states), torch.stack(step_energies), steps_used)
 
-    def descend_accepting_lower_energies(self, energy_fn, state, schedule, alpha, noise) -> Descent:
-        """Inference descent (no graph) in which each query keeps a step's update only if the update's energy is
-        below that of its current state (otherwise it stays where it is): the energy of the prediction never rises,
-        whatever the number of steps."""
-        step_states, step_energies, finite = [], [], []
-        for k, landscape in enumerate(schedule):
-            updated, energy, ok = self.descent_step(energy_fn, state, landscape, alpha, noise, False, False)
+    @staticmethod
+    def until_converged(tolerance):
+        """Adaptive compute: a query stops for good once its energy changes by less than `tolerance` between two
+        steps; the descent ends when all have (one host sync per step, the price of stopping)."""
+        last = {}
+
+        def moves(state, updated, energy, landscape):
+            energy = energy.detach()
+            active = last.get("active", torch.ones(energy.shape, dtype=torch.bool, device=energy.device))
+            if "energy" in last:
+                active = active & ((energy - last["energy"]).abs() >= tolerance)
+            last.update(active=active, energy=energy)
+            return active, not bool(active.any())
+        return moves
+
+    def accepting_lower_energies(self, energy_fn, noise):
+        """A query takes a step only if the update's energy is below that of its current state (the reference's
+        `infer_accept_lower_energies`; inference, no graph): the energy of the prediction never rises, whatever the
+        number of steps. One more energy forward per step (two with noise)."""
+        def moves(state, updated, energy, landscape):
             current = self._energy_of(energy_fn, state, landscape) if noise else energy
-            lower = self._energy_of(energy_fn, updated, landscape) < current
-            state = torch.where(lower.view(*lower.shape, *[1] * self.prediction_dims), updated, state)
-            step_states.append(state)
-            step_energies.append(energy)
-            finite.append(ok)
-        self._check_finite(finite, alpha)
-        steps_used = torch.full(self._batch_shape(state), len(schedule), dtype=torch.long, device=state.device)
-        return Descent(torch.stack(step_states), torch.stack(step_energies), steps_used)
+            return self._energy_of(energy_fn, updated, landscape) < current, False
+        return moves
 
     def _energy_of(self, energy_fn, state, landscape) -> torch.Tensor:
         """The energy of state z (of its prediction), without a graph."""
@@ -1017,15 +1011,15 @@ class EnergyDescentMixin:
         alpha_shape = (*self._batch_shape(start), *[1] * (self.prediction_dims - 1))  # step_size adds the last 1
         alpha = self.step_size(thinking, alpha_shape, start.device)
         noise = self.config.langevin_dynamics_noise if thinking.langevin_noise is None else thinking.langevin_noise
+        moves = None
         if thinking.accept_lower_energies:
             if self.training:
                 raise ValueError("thinking option accept_lower_energies is for inference: its accept/reject choice has "
                                  "no gradient; call model.eval() first")
-            return self.descend_accepting_lower_energies(energy_fn, start, schedule, alpha, noise)
-        if thinking.energy_tolerance is None:
-            return self.descend(energy_fn, start, schedule, alpha, noise, create_graph)
-        return self.descend_until_converged(energy_fn, start, schedule, alpha, noise, create_graph,
-                                            thinking.energy_tolerance)
+            moves, create_graph = self.accepting_lower_energies(energy_fn, noise), False
+        elif thinking.energy_tolerance is not None:
+            moves = self.until_converged(thinking.energy_tolerance)
+        return self.descend(energy_fn, start, schedule, alpha, noise, create_graph, moves)
 
 
 class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):

@@ -5,13 +5,15 @@ Trains, on the same token blocks in the same order and for the same number of op
 Transformer++ shape: RMSNorm, SwiGLU, RoPE, no biases), saves each under `DIR/<model>/`, then scores every model on
 the same validation blocks of the training corpus and of each out-of-distribution corpus (its last 10%):
 
-- the EBTs by descent steps (1, 2, 3, 4, 6, 8, 12, 16, one candidate, no noise), by candidates (1, 2, 4, 8 at the
-  trained steps, the lowest final energy per position wins), each with and without Langevin noise, and the best
-  steps × candidates combination;
+- the EBTs by descent steps (1, 2, 3, 4, 6, 8, 12, 16, one candidate; with and without Langevin noise, and without
+  noise keeping only the steps that lower the energy), by candidates (1, 2, 4, 8 at the trained steps, the lowest
+  final energy per position wins; with and without noise), and the best steps × candidates combination;
 - the Llama once (it has no knob).
 
 Losses are cross-entropies in nats per token of the final prediction (an EBT's last descent step). The results go to
-`DIR/thinking_study.json`, a table on stdout and `DIR/thinking_study.png` (loss against forward passes per token).
+`DIR/thinking_study.json` (with a summary per EBT and corpus: the gains of thinking against the trained and the
+fewest trained steps, see `summarize`), a table on stdout and `DIR/thinking_study.png` (loss against forward passes
+per token).
 """
 
 from __future__ import annotations
@@ -208,15 +210,21 @@ def perplexity(loss: float) -> float:
 
 
 def summarize(rows: list[dict], trained: int, fewest: int) -> dict[str, Any]:
-    """One EBT on one corpus: the loss at the trained (most) and the fewest trained steps, the best setting
-    (steps, candidates, langevin, accept_lower_energies) and its gain in % perplexity against both, and the loss at
-    2× and 4× the trained steps minus the trained loss ("thinking longer")."""
+    """One EBT on one corpus: the loss at the trained (most) and the fewest trained steps; the thinking gain against
+    each, in % perplexity: the best setting (steps, candidates, langevin, accept_lower_energies) that spends at least
+    that many steps (thinking is more compute, never fewer steps); and the loss at 2× and 4× the trained steps minus
+    the trained loss ("thinking longer"). `best` is the lowest loss of any row, fewer steps included."""
     loss = {setting_of(r): r["loss"] for r in rows}
     best = min(rows, key=lambda r: r["loss"])
     at_trained, at_fewest = loss[(trained, 1, False, False)], loss[(fewest, 1, False, False)]
+    thinking = min((r for r in rows if r["steps"] >= trained), key=lambda r: r["loss"])
+    thinking_from_fewest = min((r for r in rows if r["steps"] >= fewest), key=lambda r: r["loss"])
     out = {"trained": at_trained, "fewest": at_fewest, "best": best["loss"], "best_setting": list(setting_of(best)),
-           "gain_pct": 100 * (1 - perplexity(best["loss"] - at_trained)),
-           "gain_vs_fewest_pct": 100 * (1 - perplexity(best["loss"] - at_fewest))}
+           "thinking": thinking["loss"], "thinking_setting": list(setting_of(thinking)),
+           "gain_pct": 100 * (1 - perplexity(thinking["loss"] - at_trained)),
+           "thinking_from_fewest": thinking_from_fewest["loss"],
+           "thinking_from_fewest_setting": list(setting_of(thinking_from_fewest)),
+           "gain_vs_fewest_pct": 100 * (1 - perplexity(thinking_from_fewest["loss"] - at_fewest))}
     for times in (2, 4):
         for accept in (False, True):
             if (times * trained, 1, False, accept) in loss:

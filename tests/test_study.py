@@ -58,8 +58,11 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
         trained = report["trained_steps"][entry["model"]]
         assert entry["trained"] == plain(trained) and entry["fewest"] == plain(2)
         assert entry["best"] == min(r["loss"] for r in mine)
-        assert entry["gain_pct"] == pytest.approx(100 * (1 - math.exp(entry["best"] - entry["trained"])))
-        assert entry["gain_vs_fewest_pct"] == pytest.approx(100 * (1 - math.exp(entry["best"] - entry["fewest"])))
+        thinking = min(r["loss"] for r in mine if r["steps"] >= trained)  # thinking never spends fewer steps
+        from_fewest = min(r["loss"] for r in mine if r["steps"] >= 2)
+        assert (entry["thinking"], entry["thinking_from_fewest"]) == (thinking, from_fewest)
+        assert entry["gain_pct"] == pytest.approx(100 * (1 - math.exp(thinking - entry["trained"])))
+        assert entry["gain_vs_fewest_pct"] == pytest.approx(100 * (1 - math.exp(from_fewest - entry["fewest"])))
         assert entry["llama"] == next(r["loss"] for r in rows if r["model"] == "llama"
                                       and r["corpus"] == entry["corpus"])
 
