@@ -1283,8 +1283,9 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
 
         Thinking knobs (default: the model's `generation_config`, else the trained behaviour): mcmc_num_steps,
         mcmc_step_size, langevin_dynamics_noise, num_candidates (self-verification), energy_tolerance (adaptive
-        early stop), accept_lower_energies (a step counts only where it lowers the energy); recompute=True generates the reference's way (no cache), as a baseline. With
-        `return_dict_in_generate=True` the output carries `energies` and `descent_steps` per generated token.
+        early stop), accept_lower_energies (a step counts only where it lowers the energy); recompute=True generates
+        the reference's way (no cache), as a baseline. With `return_dict_in_generate=True` the output carries
+        `energies` and `descent_steps` per generated token.
         """
         config = generation_config or self.generation_config
 

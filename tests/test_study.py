@@ -52,7 +52,7 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
     for entry in report["summary"]:
         mine = [r for r in rows if r["model"] == entry["model"] and r["corpus"] == entry["corpus"]]
 
-        def plain(steps):
+        def plain(steps, mine=mine):
             return next(r["loss"] for r in mine if (r["steps"], r["candidates"], r["langevin"],
                                                     r["accept_lower_energies"]) == (steps, 1, False, False))
         trained = report["trained_steps"][entry["model"]]
