@@ -270,24 +270,27 @@ def plot(report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.2))
+    figure, axis = plt.subplots(figsize=(10, 5))
+    corpora = list(dict.fromkeys(r["corpus"] for r in report["results"]))
+    styles = {"s1": ":", "s2": "-", "llama": "--"}  # one colour per corpus, one line style per model
     for (model, corpus) in dict.fromkeys((r["model"], r["corpus"]) for r in report["results"]):
         rows = [r for r in report["results"] if r["model"] == model and r["corpus"] == corpus]
-        label = f"{model}, {Path(str(corpus)).name}"
+        label, colour = f"{model}, {Path(str(corpus)).name}", f"C{corpora.index(corpus) % 10}"
         if model == "llama":
-            axis.axhline(rows[0]["loss"], linestyle="--", linewidth=1, label=label)
+            axis.axhline(rows[0]["loss"], linestyle="--", linewidth=1, color=colour, label=label)
             continue
         best = {}
         for row in rows:
             passes = forward_passes(row)
             best[passes] = min(best.get(passes, math.inf), row["loss"])
         xs = sorted(best)
-        axis.plot(xs, [best[x] for x in xs], marker="o", markersize=3, label=label)
+        axis.plot(xs, [best[x] for x in xs], linestyle=styles.get(model, "-"), color=colour, marker="o",
+                  markersize=3, label=label)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("candidate forward passes per token (steps × candidates)")
     axis.set_ylabel("loss (nats/token)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
