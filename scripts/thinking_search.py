@@ -5,7 +5,7 @@ model on the blocks `ebt study thinking` uses (same order, same step count), the
 study does (modeling_ebt.study.score_ebt): the loss by descent steps (1, the trained count, 2× and 4× it) and by
 candidates (4, 8), with and without Langevin noise, on the training corpus's validation blocks and on each
 `--ood-corpus`. One JSON line per (setting, seed) is appended to --results, so the search can be resumed and read
-while it runs.
+while it runs; the trained models are saved beside it, under models/<setting>-seed<seed>.
 
     OMP_NUM_THREADS=1 python scripts/thinking_search.py --settings settings.json --max-steps 300 \\
         --ood-corpus A.txt --results runs/thinking_search.jsonl
@@ -45,6 +45,10 @@ def main():
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--ood-corpus", nargs="*", default=[])
     parser.add_argument("--eval-samples", type=int, default=32)
+    parser.add_argument("--corpus", default=None, help="training corpus (default: the default corpus)")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cache-dir", default=None, help="where tokenized corpora are cached")
     parser.add_argument("--results", default="runs/thinking_search.jsonl")
     args = parser.parse_args()
 
@@ -56,9 +60,10 @@ def main():
     tokenizer = EBTTokenizer()
     for seed in [int(s) for s in args.seeds.split(",")]:
         study = StudyArguments(output_dir=tempfile.mkdtemp(prefix="ebt-think-"), max_steps=args.max_steps,
-                               seed=seed, eval_samples=args.eval_samples, candidates=[1, 4, 8])
+                               seed=seed, eval_samples=args.eval_samples, candidates=[1, 4, 8], corpus=args.corpus,
+                               block_size=args.block_size, batch_size=args.batch_size, cache_dir=args.cache_dir)
         config = load_model_config(study.size, args.base, max_position_embeddings=study.block_size)
-        train_data, validation = blocks(tokenizer, None, study, config)
+        train_data, validation = blocks(tokenizer, args.corpus, study, config)
         corpora = {"validation": validation, **{p: blocks(tokenizer, p, study, config)[1] for p in args.ood_corpus}}
         for name in args.only or settings:  # in the order given
             change = settings[name]

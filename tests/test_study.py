@@ -88,3 +88,32 @@ def test_study_arguments_refuse_empty_grids():
     with pytest.raises(SystemExit):
         main(["study", "thinking"])  # --output-dir is required
     assert main(["study", "thinking", "--output-dir", "x", "--max-steps", "0"]) == 1
+
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason=f"{TINY_SHAKESPEARE} is not on this machine")
+def test_thinking_search_records_each_setting_with_the_studys_summary(tmp_path):
+    import subprocess
+    import sys
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"base": {}, "alpha20": {"model": {"mcmc_step_size": 20.0}}}))
+    results = tmp_path / "search.jsonl"
+    command = [sys.executable, str(REPO / "scripts/thinking_search.py"), "--settings", str(settings), "--max-steps",
+               "2", "--eval-samples", "2", "--corpus", str(TINY_SHAKESPEARE), "--block-size", "32", "--batch-size",
+               "2", "--cache-dir", str(tmp_path / "cache"), "--results", str(results)]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["setting"] for r in records] == ["base", "alpha20"] and all("error" not in r for r in records)
+    assert [r["alpha"] for r in records] == [5.0, 20.0]  # s2-cpu's fixed α, then the setting's
+    for record in records:
+        assert (record["trained_steps"], record["fewest_trained_steps"]) == (3, 2)
+        steps = {r["steps"] for r in record["rows"] if r["candidates"] == 1}
+        assert steps == {1, 2, 3, 6, 12}
+        plain = next(r["loss"] for r in record["rows"] if (r["steps"], r["candidates"], r["langevin"],
+                                                           r["accept_lower_energies"]) == (3, 1, False, False))
+        assert record["summary"]["validation"]["trained"] == plain
+    model = EBTForCausalLM.from_pretrained(tmp_path / "models" / "alpha20-seed0")
+    assert float(model.alpha.detach()) == 20.0
+    # a second run finds both recorded and trains nothing
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    assert len(results.read_text().splitlines()) == 2
