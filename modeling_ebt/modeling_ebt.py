@@ -221,7 +221,8 @@ class EBTAttention(nn.Module):
         context = (k[:, :, observed], v[:, :, observed])
         if cache is not None:
             context = cache.update(context[0].detach(), context[1].detach(), cache_slot)
-        out_observed = attend(observed_attention_function(self.config), self, q[:, :, observed], *context, masks[0])
+        attention_fn = eager_attention if cache is None else observed_attention_function(self.config)
+        out_observed = attend(attention_fn, self, q[:, :, observed], *context, masks[0])
         out_candidates = attend(eager_attention, self, q[:, :, candidates], *context, masks[1],
                                 (k[:, :, candidates], v[:, :, candidates]))
         out = torch.cat((out_observed, out_candidates), dim=1).reshape(*hidden.shape[:-1], -1)
@@ -929,10 +930,21 @@ class EnergyDescentMixin:
     def accepting_lower_energies(self, energy_fn, noise):
         """A query takes a step only if the update's energy is below that of its current state (the reference's
         `infer_accept_lower_energies`; inference, no graph): the energy of the prediction never rises, whatever the
-        number of steps. One more energy forward per step (two with noise)."""
+        number of steps. One more energy forward per step: the update's (the current state's energy is the step's own
+        without noise, and is carried from the last step within a landscape with noise)."""
+        last = {}
+
         def moves(state, updated, energy, landscape):
-            current = self._energy_of(energy_fn, state, landscape) if noise else energy
-            return self._energy_of(energy_fn, updated, landscape) < current, False
+            if not noise:
+                current = energy
+            elif last.get("landscape") == landscape:
+                current = last["energy"]
+            else:
+                current = self._energy_of(energy_fn, state, landscape)
+            proposed = self._energy_of(energy_fn, updated, landscape)
+            lower = proposed < current
+            last.update(landscape=landscape, energy=torch.where(lower, proposed, current))
+            return lower, False
         return moves
 
     def _energy_of(self, energy_fn, state, landscape) -> torch.Tensor:

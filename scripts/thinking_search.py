@@ -58,8 +58,9 @@ def main():
     done = {(r["setting"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())} \
         if results.is_file() else set()
     tokenizer = EBTTokenizer()
+    scratch = tempfile.TemporaryDirectory(prefix="ebt-think-")  # the Trainer's output folders
     for seed in [int(s) for s in args.seeds.split(",")]:
-        study = StudyArguments(output_dir=tempfile.mkdtemp(prefix="ebt-think-"), max_steps=args.max_steps,
+        study = StudyArguments(output_dir=scratch.name, max_steps=args.max_steps,
                                seed=seed, eval_samples=args.eval_samples, candidates=[1, 4, 8], corpus=args.corpus,
                                block_size=args.block_size, batch_size=args.batch_size, cache_dir=args.cache_dir)
         config = load_model_config(study.size, args.base, max_position_embeddings=study.block_size)
@@ -73,14 +74,13 @@ def main():
             record = {"setting": name, "seed": seed, "change": change, "max_steps": args.max_steps}
             try:
                 model = train_ebt(recipe_of(args.base, change), study, train_data, tokenizer,
-                                  Path(study.output_dir) / name).eval()
+                                  Path(study.output_dir) / f"{name}-seed{seed}").eval()
                 model.save_pretrained(Path(args.results).parent / "models" / f"{name}-seed{seed}")  # for later looks
-                trained = model.config.evaluation_steps
-                study.steps = sorted({1, model.config.fewest_training_steps, trained, 2 * trained, 4 * trained})
+                trained, fewest = model.config.evaluation_steps, model.config.fewest_training_steps
+                study.steps = sorted({1, fewest, trained, 2 * trained, 4 * trained})
                 record["train_seconds"] = round(time.time() - started, 1)
                 rows = [row for corpus, batches in corpora.items()
                         for row in score_ebt(name, model, corpus, batches, study)]
-                fewest = model.config.fewest_training_steps
                 record.update(trained_steps=trained, fewest_trained_steps=fewest, alpha=float(step_size_of(model)),
                               summary={corpus: summarize([r for r in rows if r["corpus"] == corpus], trained, fewest)
                                        for corpus in corpora}, rows=rows)
@@ -90,6 +90,7 @@ def main():
             with results.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(json.dumps({k: v for k, v in record.items() if k != "rows"}), flush=True)
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

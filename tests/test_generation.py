@@ -169,13 +169,18 @@ def test_accepting_only_lower_energies_makes_the_energy_fall_with_every_step():
     model = tiny_model(ebt_type="default", mcmc_step_size=300.0)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
 
-    def finals(accept):
-        return torch.stack([model(ids, thinking=ThinkingConfig(steps=steps, accept_lower_energies=accept),
-                                  output_final_energies=True).final_energies for steps in range(1, 7)])
+    def finals(accept, noise=0.0):
+        def final(steps):
+            torch.manual_seed(0)  # with noise, the k-step run is the first k steps of the longer ones
+            thinking = ThinkingConfig(steps=steps, accept_lower_energies=accept, langevin_noise=noise)
+            return model(ids, thinking=thinking, output_final_energies=True).final_energies
+        return torch.stack([final(steps) for steps in range(1, 7)])
     plain, accepted = finals(False), finals(True)
     assert (plain[1:] > plain[:-1] + 1e-4).any()  # the plain descent's energy rises somewhere with more steps
     assert (accepted[1:] <= accepted[:-1] + 1e-5).all()
     assert (accepted[-1] <= plain[0] + 1e-5).all()
+    noisy = finals(True, noise=1.0)  # noisy proposals too: a step is kept only below the current state's energy
+    assert (noisy[1:] <= noisy[:-1] + 1e-5).all() and (noisy[1:] < noisy[:-1] - 1e-4).any()
 
 
 def test_accepting_lower_energies_is_for_inference_and_generates_as_without_a_cache(tokenizer):
