@@ -365,11 +365,16 @@ class TrainJob:
         self.ids = random_ids(spec, (spec["batch"], spec["seq"]))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"], weight_decay=0.01)
         self.extra = dict(thinking=ThinkingConfig(recompute=True)) if spec["recompute"] else {}
+        self.autocast = spec.get("autocast")
+        self.device_type = torch.device(spec["device"]).type
 
     def forward(self):
-        if self.reference:
-            return bench_reference.reference_forward(self.model, self.ids)
-        return self.model(input_ids=self.ids, labels=self.ids, **self.extra)
+        """The forward under the row's autocast, as the Trainer's bf16=True runs it (the backward outside)."""
+        dtype = DTYPES[self.autocast] if self.autocast else None
+        with torch.autocast(self.device_type, dtype=dtype, enabled=self.autocast is not None):
+            if self.reference:
+                return bench_reference.reference_forward(self.model, self.ids)
+            return self.model(input_ids=self.ids, labels=self.ids, **self.extra)
 
     def update(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -405,17 +410,23 @@ def measure_train(spec: dict) -> dict:
     return dict(first=first, times=times, peak=memory.peak(), scoped=memory.scoped, info=model_info(job.model))
 
 
+AUTOCAST_SUFFIX = {"bfloat16": "+bf16"}  # the label suffix of the rows run under `--autocast`
+
+
 def train_cases(variants: list[str], args) -> list[dict]:
     group, positions = "+".join(variants), args.seq_len + 1
-    cases = [dict(label=label, model="ebt", variant=variant, config=ebt_config(args.size, variant, positions),
-                  recompute=label == "recompute", checkpointing=label == "ours+ckpt")
-             for variant in variants for label in ("ours", "ours+ckpt", "recompute")]
+    precisions = [None] + ([args.autocast] if args.autocast else [])
+    cases = [dict(label=label + AUTOCAST_SUFFIX.get(autocast, ""), model="ebt", variant=variant, autocast=autocast,
+                  config=ebt_config(args.size, variant, positions), recompute=label == "recompute",
+                  checkpointing=label == "ours+ckpt")
+             for variant in variants for autocast in precisions for label in ("ours", "ours+ckpt", "recompute")]
     if args.reference_repo:
         cases += [dict(label="reference", model="reference", variant=variant, recompute=False, checkpointing=False,
                        config=ebt_config(args.size, variant, positions), reference_repo=args.reference_repo)
                   for variant in variants]
-    cases.append(dict(label="llama", model="llama", variant=None, config=llama_config(args.size, positions),
-                      recompute=False, checkpointing=False))
+    cases += [dict(label="llama" + AUTOCAST_SUFFIX.get(autocast, ""), model="llama", variant=None, autocast=autocast,
+                   config=llama_config(args.size, positions), recompute=False, checkpointing=False)
+              for autocast in precisions]
     return [_spec(args, f"train {case['variant'] or group}/{case['label']}", group=group, batch=args.batch_size,
                   seq=args.seq_len, lr=args.lr, steps=args.steps, warmup=args.warmup, **case) for case in cases]
 
@@ -431,7 +442,8 @@ def train_row(spec: dict, outcomes: list, args) -> dict:
     cuda = args.device.startswith("cuda")
     return dict(
         group=spec["group"], label=spec["label"], model=spec["model"], variant=spec["variant"],
-        recompute=spec["recompute"], batch=args.batch_size, seq=args.seq_len, steps=len(times), rounds=len(done),
+        recompute=spec["recompute"], autocast=spec.get("autocast"), batch=args.batch_size, seq=args.seq_len,
+        steps=len(times), rounds=len(done),
         step_seconds=median, step_seconds_all=times, tokens_per_s=tokens_per_s, peak_memory=peak,
         peak_rss=None if cuda else peak, peak_cuda=peak if cuda else None,
         peak_reset=all(result["scoped"] for result in done) if done else None, flops_per_token=flops,
@@ -485,23 +497,38 @@ def run_train_group(variants: list[str], args) -> tuple[list[dict], dict, list]:
     return rows, sanity, timings
 
 
+def train_modes(args) -> list[str]:
+    """Our training modes: ours and ours+ckpt (activation checkpointing), and under `--autocast` both again."""
+    suffixes = [""] + ([AUTOCAST_SUFFIX[args.autocast]] if args.autocast else [])
+    return [mode + suffix for suffix in suffixes for mode in ("ours", "ours+ckpt")]
+
+
 def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> list[Target]:
-    """The targets of one of our modes: "ours" (the default) or "ours+ckpt" (activation checkpointing)."""
+    """The targets of one of our modes against the baseline as the reference runs (`recompute`, float32: the
+    reference's default precision, 32-true) and against the Llama of the same precision. A mode under autocast is
+    also compared with the baseline under the same autocast."""
     def row(label, variant):
         return next((r for r in rows if r["label"] == label and r["variant"] == variant and not r["error"]), {})
 
-    ours, rec, llama = row(mode, variant), row("recompute", variant), row("llama", None)
+    suffix = AUTOCAST_SUFFIX.get(args.autocast, "")
+    suffix = suffix if suffix and mode.endswith(suffix) else ""
+    ours, llama = row(mode, variant), row("llama" + suffix, None)
+    baselines = ["recompute"] + (["recompute" + suffix] if suffix else [])
     speed, memory = TRAIN_TARGETS
     peak = f"peak {memory_name(args)}"
-    return [
-        Target(f"{variant}: {mode}/recompute tokens/s", ratio(ours.get("tokens_per_s"), rec.get("tokens_per_s")),
-               ">=", speed),
-        Target(f"{variant}: {mode}/recompute {peak}", ratio(ours.get("peak_memory"), rec.get("peak_memory")), "<=",
-               memory),
-        Target(f"{variant}: {mode}/Llama tokens/s", ratio(ours.get("tokens_per_s"), llama.get("tokens_per_s")),
+    targets = []
+    for baseline in baselines:
+        rec = row(baseline, variant)
+        targets += [
+            Target(f"{variant}: {mode}/{baseline} tokens/s", ratio(ours.get("tokens_per_s"), rec.get("tokens_per_s")),
+                   ">=", speed),
+            Target(f"{variant}: {mode}/{baseline} {peak}", ratio(ours.get("peak_memory"), rec.get("peak_memory")),
+                   "<=", memory)]
+    return targets + [
+        Target(f"{variant}: {mode}/llama{suffix} tokens/s", ratio(ours.get("tokens_per_s"), llama.get("tokens_per_s")),
                ">=", TRAIN_LLAMA_TARGETS[0]),
-        Target(f"{variant}: {mode}/Llama {peak}", ratio(ours.get("peak_memory"), llama.get("peak_memory")), "<=",
-               TRAIN_LLAMA_TARGETS[1]),
+        Target(f"{variant}: {mode}/llama{suffix} {peak}", ratio(ours.get("peak_memory"), llama.get("peak_memory")),
+               "<=", TRAIN_LLAMA_TARGETS[1]),
     ]
 
 
@@ -542,7 +569,7 @@ def cmd_train(args) -> dict:
     """Every variant's rows and one Llama, as one group."""
     start, revision = time.time(), source_revision()
     rows, sanity, timings = run_train_group(args.variants, args)
-    targets = [target for variant in args.variants for mode in ("ours", "ours+ckpt")
+    targets = [target for variant in args.variants for mode in train_modes(args)
                for target in train_targets(variant, rows, args, mode)]
     if args.reference_repo:
         targets += [target for variant in args.variants for target in baseline_targets(variant, rows, args)]
@@ -932,6 +959,9 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-repo", metavar="PATH",
                    help="a checkout of github.com/alexiglad/EBT: adds a row per variant training the reference code "
                         "itself (needs pytorch_lightning and torchmetrics; see modeling_ebt/bench_reference.py)")
+    p.add_argument("--autocast", choices=["bfloat16"], default=None,
+                   help="also run ours, ours+ckpt, recompute and Llama under torch.autocast at this dtype (float32 "
+                        "weights and descent state, the forward autocast, as TrainingArguments(bf16=True) runs it)")
     p.add_argument("--one-group", action="store_true",
                    help="kept for old command lines: the variants always form one group, with one Llama")
 

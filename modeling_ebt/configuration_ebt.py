@@ -80,6 +80,11 @@ class EBTConfig(ValidatedConfig, PreTrainedConfig):
         no_mcmc_detach: backpropagate through the whole chain instead of detaching between steps.
         contrastive_loss_coeff: weight of a contrastive term that pushes the true next token's energy below the
             prediction's (0 disables it).
+
+    Memory:
+        checkpointing_chunks: with activation checkpointing, each descent step's graph is rebuilt in the backward
+            for this many slices of the batch in turn (the energies of different sequences are independent), so
+            that one slice's second-order graph is alive at a time; 1 rebuilds the whole batch at once.
     """
 
     model_type = "ebt"
@@ -122,6 +127,7 @@ class EBTConfig(ValidatedConfig, PreTrainedConfig):
     truncate_mcmc: bool = False
     no_mcmc_detach: bool = False
     contrastive_loss_coeff: float = 0.0
+    checkpointing_chunks: int = 4
 
 
     @property
@@ -201,7 +207,8 @@ _TOKEN_ID = (lambda v: v is None or (_is_int(v) and v >= 0), "None or a token id
 # field -> (check of the value alone, what is expected); relations between fields are in `_check_relations`
 FIELD_RULES = {
     **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings", "mcmc_num_steps", "mcmc_replay_buffer_size"), _POSITIVE_INT),
+                     "max_position_embeddings", "mcmc_num_steps", "mcmc_replay_buffer_size", "checkpointing_chunks"),
+                    _POSITIVE_INT),
     **dict.fromkeys(("intermediate_size", "num_key_value_heads"), _OPTIONAL_POSITIVE_INT),
     "sliding_window": (lambda v: v is None or (_is_int(v) and v >= 1),
                        "None or an integer in [1, max_position_embeddings] (None: full attention)"),

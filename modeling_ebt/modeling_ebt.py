@@ -14,6 +14,7 @@ The file reads in the order the data flows: norm, rotary embedding, MLP, attenti
 cache, base model (energy function), causal LM (energy descent, loss, generation).
 """
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -408,6 +409,14 @@ class CandidateInputs:
     cos: torch.Tensor
     sin: torch.Tensor
 
+    def select_rows(self, rows: slice, kv: list) -> "CandidateInputs":
+        """The inputs of rows `rows` of the batch, with `kv` (those rows' keys and values) as the context."""
+        def cut(t):
+            return t if t is None or t.shape[0] == 1 else t[rows]  # a mask without padding has one row for all
+        mask = (WindowBlocks([(queries, cols, cut(block)) for queries, cols, block in self.mask.blocks])
+                if isinstance(self.mask, WindowBlocks) else cut(self.mask))
+        return CandidateInputs(kv, mask, cut(self.cos), cut(self.sin))
+
 
 @dataclass
 class EBTModelOutput(ModelOutput):
@@ -800,6 +809,62 @@ def reshard_when_backward_ends(units: list[nn.Module], *outputs: torch.Tensor) -
             output.register_hook(queue_reshard)
 
 
+class RebuiltStep(torch.autograd.Function):
+    """Activation checkpointing of one descent step, rebuilt once. The forward computes the step's values (energy
+    forward and input gradient) and keeps only the step's inputs; the backward rebuilds the step's second-order graph
+    once, over detached copies of its inputs, and differentiates it. (torch's `checkpoint` re-ran the energy forward
+    already inside the forward, when the step's own `autograd.grad` unpacked the activations it had dropped.)
+
+    `run(state, context, create_graph, rows)` returns (prediction, energy, ∂E/∂prediction) of `state`, the rows
+    `rows` of the batch, with `context` (those rows of the observed stream's keys and values) in place of the tensors
+    the energy function holds. The energies of different rows do not depend on each other, so both passes go
+    `chunks` (slices of the batch) at a time: the rebuilt graph of one chunk is alive at once. `parameters` are the
+    energy's trainable parameters; their gradients are returned to the outer backward, not accumulated here: each
+    parameter's gradient is summed over the steps by autograd and reaches `.grad` (and DDP's hooks) once."""
+
+    @staticmethod
+    def forward(ctx, run, chunks, num_context, state, *tensors):
+        ctx.run, ctx.chunks, ctx.num_context = run, chunks, num_context
+        ctx.autocast = [(device, torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
+                        if torch.is_autocast_enabled(device)]  # the rebuild runs under the same mixed precision
+        ctx.save_for_backward(state, *tensors)
+        outputs = []
+        with torch.enable_grad():  # with the graph the step has without checkpointing: the same float operations
+            for rows in chunks:
+                chunk = run(state[rows].detach().requires_grad_(), [t[rows].detach() for t in tensors[:num_context]],
+                            True, rows)
+                outputs.append([output.detach() for output in chunk])
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        state, *tensors = ctx.saved_tensors
+        context, parameters = tensors[:ctx.num_context], tensors[ctx.num_context:]
+        batched = (state, *context)
+        grads = [torch.zeros_like(t) if t.requires_grad else None for t in batched] + [None] * len(parameters)
+        for rows in ctx.chunks:
+            with torch.enable_grad(), contextlib.ExitStack() as autocast:
+                for device, dtype in ctx.autocast:
+                    autocast.enter_context(torch.autocast(device, dtype=dtype))
+                chunk_state, *chunk_context = (t[rows].detach().requires_grad_(t.requires_grad) for t in batched)
+                # the layers get non-leaf views: module hooks (e.g. FlopCounterMode's module tracker) cannot watch
+                # leaf tensors inside autograd.grad
+                outputs = ctx.run(chunk_state, [t.view_as(t) for t in chunk_context], True, rows)
+            used = [(output, grad[rows]) for output, grad in zip(outputs, output_grads) if grad is not None]
+            inputs = (chunk_state, *chunk_context, *parameters)
+            wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+            found = torch.autograd.grad([o for o, _ in used], [inputs[i] for i in wanted], [g for _, g in used],
+                                        allow_unused=True)
+            for i, grad in zip(wanted, found):
+                if grad is None:
+                    continue
+                if i < len(batched):
+                    grads[i][rows] = grad
+                else:
+                    grads[i] = grad if grads[i] is None else grads[i] + grad
+        return None, None, None, *grads
+
+
 def hashed_normal(keys: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Standard normal float32 noise of shape keys.shape × size that is a fixed function of (seed, key, index):
     the same for a key whatever batch it is in, on every run and device (Box–Muller over a splitmix64 hash)."""
@@ -977,11 +1042,22 @@ class EnergyDescentMixin:
 
     def _energy_and_gradient(self, energy_fn, state, landscape, keep_graph, create_graph):
         """Checkpoint dispatch: in training with activation checkpointing, a step keeps only its inputs and its graph
-        is rebuilt in backward."""
-        args = (energy_fn, state, landscape, keep_graph, create_graph)
-        if keep_graph and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(self.energy_gradient, *args)
-        return self.energy_gradient(*args)
+        is rebuilt once in the backward (`RebuiltStep`). An energy function that holds tensors with gradients (the
+        language model's observed keys and values) lists them in `energy_fn.context_tensors(landscape)` and takes
+        replacements for them as `energy_fn(probs, landscape, context=...)`."""
+        if not (keep_graph and self.gradient_checkpointing):
+            return self.energy_gradient(energy_fn, state, landscape, keep_graph, create_graph)
+        context = list(getattr(energy_fn, "context_tensors", lambda landscape: [])(landscape))
+        chunks = [slice(None)]
+        if context:  # an energy function that takes `rows` scores slices of the batch
+            rows = -(-state.shape[0] // self.config.checkpointing_chunks)
+            chunks = [slice(start, start + rows) for start in range(0, state.shape[0], rows)]
+
+        def run(step_state, step_context, rebuild, rows):
+            fn = functools.partial(energy_fn, context=step_context, rows=rows) if context else energy_fn
+            return self.energy_gradient(fn, step_state, landscape, rebuild, rebuild)
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        return RebuiltStep.apply(run, chunks, len(context), state, *context, *parameters)
 
     def energy_gradient(self, energy_fn, state, landscape, create_graph, retain_graph):
         """The prediction of `state`, its energy, and the energy's gradient with respect to the prediction."""
@@ -1008,12 +1084,13 @@ class EnergyDescentMixin:
 
     def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
         """`activation_checkpointing_enable()` (or `TrainingArguments(activation_checkpointing=True)`): in training,
-        each descent step keeps only its inputs and its graph (candidate forward and input gradient) is rebuilt
-        during the backward, and so are the activations of each observed-stream layer: less memory for about one
-        more forward pass per step. `every_n_layers` does not apply (the unit is the descent step)."""
+        each descent step keeps only its inputs and its graph (candidate forward and input gradient) is rebuilt once
+        during the backward, `config.checkpointing_chunks` slices of the batch at a time (`RebuiltStep`); the
+        observed stream's layers go through `gradient_checkpointing_func` (torch's non-reentrant `checkpoint`). Less
+        memory for about one more candidate forward and input gradient per step. `every_n_layers` does not apply."""
         if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
-            raise ValueError("EBT activation checkpointing needs use_reentrant=False: a descent step takes a gradient "
-                             "inside the checkpointed region, which the reentrant variant runs without autograd")
+            raise ValueError("EBT activation checkpointing needs use_reentrant=False: the observed stream's layers are "
+                             "called with keyword arguments, which the reentrant variant does not take")
         for module in (self, self.model):
             module.gradient_checkpointing = enable
             module._gradient_checkpointing_func = gradient_checkpointing_func
@@ -1193,12 +1270,15 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
                       for k in range(self.config.num_landscapes)
                       if k not in folded and (k in landscapes or cache is not None)}
 
-        def energy_fn(probs, landscape):
+        def energy_fn(probs, landscape, context=None, rows=None):
+            if context is not None:  # rows `rows` of the batch, over these keys and values (`RebuiltStep`)
+                return energy(probs, inputs[landscape].select_rows(rows, list(zip(context[::2], context[1::2]))))
             if landscape in inputs:
                 return energy(probs, inputs[landscape])
             result, inputs[landscape] = self.model.observe_and_energy(input_ids, probs, queries, landscape,
                                                                       position_ids, attention_mask, cache)
             return result
+        energy_fn.context_tensors = lambda landscape: [t for kv in inputs[landscape].kv for t in kv]
         return energy_fn
 
     def _folds(self, cache, input_ids, num_queries, create_graph) -> bool:

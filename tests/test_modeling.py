@@ -31,6 +31,7 @@ def test_config_defaults_are_the_papers_system1_recipe():
     ("num_key_value_heads", 3, "num_key_value_heads=3 is invalid: expected a divisor of num_attention_heads"),
     ("ebt_type", "adaln", "ebt_type='adaln' is invalid: expected one of"),
     ("mcmc_num_steps", 0, "mcmc_num_steps=0 is invalid: expected an integer >= 1"),
+    ("checkpointing_chunks", 0, "checkpointing_chunks=0 is invalid: expected an integer >= 1"),
     ("mcmc_step_size", 0.0, "mcmc_step_size=0.0 is invalid: expected a number > 0"),
     ("langevin_dynamics_noise", -1.0, "langevin_dynamics_noise=-1.0 is invalid: expected a number >= 0"),
     ("denoising_initial_condition", "ones", "denoising_initial_condition='ones' is invalid"),
@@ -252,10 +253,16 @@ def test_fewest_and_most_training_steps_are_those_training_draws(fields, fewest,
     dict(ebt_type="default", no_mcmc_detach=True, langevin_dynamics_noise=0.3, randomize_mcmc_step_size_scale=2.0,
          contrastive_loss_coeff=0.5),
     dict(ebt_type="time_embed", truncate_mcmc=True),
-], ids=["default", "time_embed", "no_detach_noise", "truncated"])
+    dict(ebt_type="default", checkpointing_chunks=1),
+    dict(ebt_type="time_embed", checkpointing_chunks=2, padded=True),
+    dict(ebt_type="default", sliding_window=3, padded=True),
+], ids=["default", "time_embed", "no_detach_noise", "truncated", "one_chunk", "chunks_padding", "window_padding"])
 def test_activation_checkpointing_recomputes_each_step_and_gives_the_same_gradients(options):
+    options = dict(options)
+    padded = options.pop("padded", False)
+
     def train_step(checkpointing):
-        model = tiny_model(**options).train()
+        model = tiny_model(**options).double().train()  # float64: no round-off for the descent to amplify
         if checkpointing:
             model.activation_checkpointing_enable()
         assert model.is_activation_checkpointing == checkpointing
@@ -263,23 +270,61 @@ def test_activation_checkpointing_recomputes_each_step_and_gives_the_same_gradie
         energy = model.model.energy
         model.model.energy = lambda *args, **kwargs: calls.append(1) or energy(*args, **kwargs)
         torch.manual_seed(3)  # the same initial noise, Langevin noise and step-size scales in both runs
-        ids = batch()
-        out = model(ids, labels=ids)
+        ids = batch(shape=(3, 12))
+        mask = torch.ones_like(ids)
+        if padded:  # left padding of different lengths: the candidates' masks have one row per sequence
+            mask[0, :4], mask[2, :7] = 0, 0
+        out = model(ids, labels=ids, attention_mask=mask)
         forward_calls = len(calls)
         out.loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        return out, grads, len(calls) - forward_calls
+        return out, grads, forward_calls, len(calls) - forward_calls
 
-    plain, plain_grads, plain_recomputed = train_step(False)
-    checkpointed, grads, recomputed = train_step(True)
+    plain, plain_grads, plain_forward, plain_recomputed = train_step(False)
+    checkpointed, grads, forward, recomputed = train_step(True)
     assert plain_recomputed == 0
-    # every descent step whose second-order graph is kept is rebuilt once in the backward
-    assert recomputed == (1 if options.get("truncate_mcmc") else len(plain.energies))
-    torch.testing.assert_close(checkpointed.loss, plain.loss, rtol=0, atol=0)
-    torch.testing.assert_close(checkpointed.energies, plain.energies, rtol=0, atol=0)
+    # the forward runs each step's energy once per slice of the batch (nothing is recomputed there); every descent
+    # step whose second-order graph is kept is rebuilt once in the backward, `checkpointing_chunks` slices of 3 rows
+    slices = {1: 1, 2: 2}.get(options.get("checkpointing_chunks"), 3)  # default 4 chunks: one row each
+    kept = 1 if options.get("truncate_mcmc") else len(plain.energies)
+    assert plain_forward == len(plain.energies) + bool(options.get("contrastive_loss_coeff"))
+    assert forward == plain_forward + (slices - 1) * kept
+    assert recomputed == slices * kept
+    # slices of the batch and per-step gradient sums change only the float operations' order
+    torch.testing.assert_close(checkpointed.loss, plain.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(checkpointed.energies, plain.energies, rtol=1e-12, atol=1e-12)
     assert grads.keys() == plain_grads.keys() and "alpha" in grads
     for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-6, atol=1e-9, msg=name)
+        scale = float(plain_grads[name].abs().max())
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-10, atol=1e-12 * scale, msg=name)
+
+
+def test_activation_checkpointing_rebuilds_under_the_forwards_bf16_autocast():
+    # the rebuilt step runs under the autocast of its forward (the Trainer's bf16=True): bf16 matrix products, the
+    # descent state in float32, and the gradients of the plain autocast step
+    def train_step(checkpointing):
+        model = tiny_model(checkpointing_chunks=1).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        autocast_on = []
+        energy = model.model.energy
+        model.model.energy = lambda *a, **k: autocast_on.append(torch.is_autocast_enabled("cpu")) or energy(*a, **k)
+        torch.manual_seed(3)
+        ids = batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids, output_step_logits=True)
+        out.loss.backward()  # outside the autocast region, as the Trainer calls it
+        return out, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}, autocast_on
+
+    plain, plain_grads, _ = train_step(False)
+    checkpointed, grads, autocast_on = train_step(True)
+    assert autocast_on == [True] * 4  # two steps forward, two rebuilt in the backward
+    assert checkpointed.step_logits.dtype == torch.float32 and checkpointed.energies.dtype == torch.float32
+    torch.testing.assert_close(checkpointed.loss, plain.loss, rtol=0, atol=0)  # the same operations forward
+    assert grads.keys() == plain_grads.keys()
+    for name in grads:  # without checkpointing, a weight's gradients over the steps are summed in bf16 (at its
+        scale = float(plain_grads[name].abs().max())  # autocast copy); rebuilt, each step's reaches it in float32
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=0, atol=2e-2 * scale, msg=name)
 
 
 def test_activation_checkpointing_refuses_the_reentrant_variant_and_can_be_disabled():

@@ -288,7 +288,8 @@ def test_activation_checkpointing_from_training_arguments_reaches_the_same_weigh
     checkpointed = _train_weights(tmp_path, EBTTrainer, batch_size=4, accumulation=1,
                                   training_args=dict(activation_checkpointing=True))
     moved = max(float((plain[name] - checkpointed[name]).abs().max()) for name in plain)
-    assert moved == 0.0  # the same function recomputed: the same float operations, the same weights
+    # the same function rebuilt; only the order in which each step's parameter gradients are summed differs
+    assert 0.0 <= moved < 1e-6
 
 
 def test_a_resumed_system2_run_restores_its_replay_buffer_and_reaches_the_same_weights(tmp_path):
