@@ -829,7 +829,7 @@ class RebuiltStep(torch.autograd.Function):
                         if torch.is_autocast_enabled(device)]  # the rebuild runs under the same mixed precision
         ctx.save_for_backward(state, *tensors)
         outputs = []
-        with torch.enable_grad():  # with the graph the step has without checkpointing: the same float operations
+        with torch.enable_grad():  # as without checkpointing (create_graph): in one slice, the same float operations
             for rows in chunks:
                 chunk = run(state[rows].detach().requires_grad_(), [t[rows].detach() for t in tensors[:num_context]],
                             True, rows)
