@@ -413,20 +413,25 @@ def measure_train(spec: dict) -> dict:
 AUTOCAST_SUFFIX = {"bfloat16": "+bf16"}  # the label suffix of the rows run under `--autocast`
 
 
+def precisions(args) -> list[tuple[str | None, str]]:
+    """(autocast dtype, label suffix) of the rows: float32, and the `--autocast` dtype when given."""
+    return [(None, "")] + ([(args.autocast, AUTOCAST_SUFFIX[args.autocast])] if args.autocast else [])
+
+
 def train_cases(variants: list[str], args) -> list[dict]:
     group, positions = "+".join(variants), args.seq_len + 1
-    precisions = [None] + ([args.autocast] if args.autocast else [])
-    cases = [dict(label=label + AUTOCAST_SUFFIX.get(autocast, ""), model="ebt", variant=variant, autocast=autocast,
+    cases = [dict(label=label + suffix, model="ebt", variant=variant, autocast=autocast,
                   config=ebt_config(args.size, variant, positions), recompute=label == "recompute",
                   checkpointing=label == "ours+ckpt")
-             for variant in variants for autocast in precisions for label in ("ours", "ours+ckpt", "recompute")]
+             for variant in variants for autocast, suffix in precisions(args)
+             for label in ("ours", "ours+ckpt", "recompute")]
     if args.reference_repo:
         cases += [dict(label="reference", model="reference", variant=variant, recompute=False, checkpointing=False,
                        config=ebt_config(args.size, variant, positions), reference_repo=args.reference_repo)
                   for variant in variants]
-    cases += [dict(label="llama" + AUTOCAST_SUFFIX.get(autocast, ""), model="llama", variant=None, autocast=autocast,
+    cases += [dict(label="llama" + suffix, model="llama", variant=None, autocast=autocast,
                    config=llama_config(args.size, positions), recompute=False, checkpointing=False)
-              for autocast in precisions]
+              for autocast, suffix in precisions(args)]
     return [_spec(args, f"train {case['variant'] or group}/{case['label']}", group=group, batch=args.batch_size,
                   seq=args.seq_len, lr=args.lr, steps=args.steps, warmup=args.warmup, **case) for case in cases]
 
@@ -499,8 +504,7 @@ def run_train_group(variants: list[str], args) -> tuple[list[dict], dict, list]:
 
 def train_modes(args) -> list[str]:
     """Our training modes: ours and ours+ckpt (activation checkpointing), and under `--autocast` both again."""
-    suffixes = [""] + ([AUTOCAST_SUFFIX[args.autocast]] if args.autocast else [])
-    return [mode + suffix for suffix in suffixes for mode in ("ours", "ours+ckpt")]
+    return [mode + suffix for _, suffix in precisions(args) for mode in ("ours", "ours+ckpt")]
 
 
 def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> list[Target]:
@@ -510,8 +514,7 @@ def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> l
     def row(label, variant):
         return next((r for r in rows if r["label"] == label and r["variant"] == variant and not r["error"]), {})
 
-    suffix = AUTOCAST_SUFFIX.get(args.autocast, "")
-    suffix = suffix if suffix and mode.endswith(suffix) else ""
+    suffix = next((suffix for _, suffix in precisions(args) if suffix and mode.endswith(suffix)), "")
     ours, llama = row(mode, variant), row("llama" + suffix, None)
     baselines = ["recompute"] + (["recompute" + suffix] if suffix else [])
     speed, memory = TRAIN_TARGETS

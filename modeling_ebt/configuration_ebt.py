@@ -84,7 +84,8 @@ class EBTConfig(ValidatedConfig, PreTrainedConfig):
     Memory:
         checkpointing_chunks: with activation checkpointing, each descent step's graph is rebuilt in the backward
             for this many slices of the batch in turn (the energies of different sequences are independent), so
-            that one slice's second-order graph is alive at a time; 1 rebuilds the whole batch at once.
+            that one slice's second-order graph is alive at a time; 1 rebuilds the whole batch at once (as the
+            `recompute` baseline always does).
     """
 
     model_type = "ebt"
