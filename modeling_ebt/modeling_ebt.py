@@ -673,6 +673,10 @@ class ThinkingConfig:
     accept_lower_energies: keep a step's update, per position, only if it lowers the energy of the current
         prediction (the reference's `infer_accept_lower_energies`): the energy never rises with more steps. Inference
         only; one more energy forward per step.
+    damp_extra_steps: the steps beyond the trained count (`config.evaluation_steps`) move by a shrinking fraction of
+        their update, z ← z + (z' − z) / (j + 2) at the j-th extra step (j = 0, 1, ...): the extra steps average their
+        updates (a Mann iteration) instead of following the landscape the model was not trained to descend that far,
+        so thinking longer changes the prediction ever less. The trained steps are unchanged.
     recompute: compute both streams over the whole sequence at every step, as the reference does (baseline).
     """
 
@@ -682,6 +686,7 @@ class ThinkingConfig:
     num_candidates: int = 1
     energy_tolerance: float | None = None
     accept_lower_energies: bool = False
+    damp_extra_steps: bool = False
     recompute: bool = False
 
     def __post_init__(self):
@@ -955,16 +960,19 @@ class EnergyDescentMixin:
             alpha = alpha * torch.empty(*shape, 1, device=device).uniform_(1 / scale, scale)
         return alpha
 
-    def descend(self, energy_fn, state, schedule, alpha, noise, create_graph, moves=None) -> Descent:
+    def descend(self, energy_fn, state, schedule, alpha, noise, create_graph, moves=None, damp_after=None) -> Descent:
         """Gradient descent on the energy, as on the method page, for every step of `schedule`:
             p = prediction(z + noise);  E = energy(p);  z = p − α ∂E/∂p
         `moves(state, updated, energy, landscape) -> (moving, done)`, when given, says which queries take the step
-        (the others keep their state) and whether the descent may end here."""
+        (the others keep their state) and whether the descent may end here. From step `damp_after` on, a step moves
+        by 1 / (j + 2) of its update (`ThinkingConfig.damp_extra_steps`)."""
         step_states, step_energies, finite = [], [], []
         steps_used = torch.zeros(self._batch_shape(state), dtype=torch.long, device=state.device)
         for k, landscape in enumerate(schedule):
             updated, energy, ok = self.descent_step(energy_fn, state, landscape, alpha, noise, create_graph,
                                                     self._keeps_graph(k, len(schedule), create_graph))
+            if damp_after is not None and k >= damp_after:
+                updated = state + (updated - state) / (k - damp_after + 2)
             moving, done = (True, False) if moves is None else moves(state, updated, energy, landscape)
             state = updated if moves is None else torch.where(
                 moving.view(*moving.shape, *[1] * self.prediction_dims), updated, state)
@@ -1108,7 +1116,8 @@ class EnergyDescentMixin:
             moves, create_graph = self.accepting_lower_energies(energy_fn, noise), False
         elif thinking.energy_tolerance is not None:
             moves = self.until_converged(thinking.energy_tolerance)
-        return self.descend(energy_fn, start, schedule, alpha, noise, create_graph, moves)
+        damp_after = self.config.evaluation_steps if thinking.damp_extra_steps else None
+        return self.descend(energy_fn, start, schedule, alpha, noise, create_graph, moves, damp_after)
 
 
 class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
@@ -1370,12 +1379,13 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
     @leaves_inference_mode
     def generate(self, inputs=None, generation_config=None, *, mcmc_num_steps=None, mcmc_step_size=None,
                  langevin_dynamics_noise=None, num_candidates=None, energy_tolerance=None, accept_lower_energies=None,
-                 recompute=None, **kwargs):
+                 damp_extra_steps=None, recompute=None, **kwargs):
         """`transformers` generation with energy descent for every new token.
 
         Thinking knobs (default: the model's `generation_config`, else the trained behaviour): mcmc_num_steps,
         mcmc_step_size, langevin_dynamics_noise, num_candidates (self-verification), energy_tolerance (adaptive
-        early stop), accept_lower_energies (a step counts only where it lowers the energy); recompute=True generates
+        early stop), accept_lower_energies (a step counts only where it lowers the energy), damp_extra_steps (steps
+        beyond the trained count average their updates); recompute=True generates
         the reference's way (no cache), as a baseline. With `return_dict_in_generate=True` the output carries
         `energies` and `descent_steps` per generated token.
         """
@@ -1390,6 +1400,7 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
             num_candidates=knob(num_candidates, "num_candidates", 1),
             energy_tolerance=knob(energy_tolerance, "energy_tolerance"),
             accept_lower_energies=bool(knob(accept_lower_energies, "accept_lower_energies")),
+            damp_extra_steps=bool(knob(damp_extra_steps, "damp_extra_steps")),
             recompute=bool(knob(recompute, "recompute")))
         self._check_generation_request(inputs if inputs is not None else kwargs.get("input_ids"), config, kwargs)
         if thinking.recompute:

@@ -195,6 +195,39 @@ def test_accepting_lower_energies_is_for_inference_and_generates_as_without_a_ca
         ThinkingConfig(accept_lower_energies=True, energy_tolerance=1e-3)
 
 
+def test_damped_extra_steps_average_their_updates_and_leave_the_trained_steps_alone():
+    # one landscape, 2 trained steps: the independent computation repeats single steps from each state
+    model = tiny_model(ebt_type="default", mcmc_num_steps=2, mcmc_step_size=30.0)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(4))
+    start = torch.randn(2, 7, 257, generator=torch.Generator().manual_seed(5))
+
+    def step(z):
+        return model(ids, initial_logits=z, thinking=ThinkingConfig(steps=1)).logits
+
+    with torch.no_grad():
+        damped = model(ids, initial_logits=start, output_step_logits=True,
+                       thinking=ThinkingConfig(steps=5, damp_extra_steps=True)).step_logits
+        plain = model(ids, initial_logits=start, output_step_logits=True, thinking=ThinkingConfig(steps=5)).step_logits
+        expected = [step(start)]
+        expected.append(step(expected[-1]))
+        for j in range(3):  # z <- z + (T(z) - z) / (j + 2)
+            z = expected[-1]
+            expected.append(z + (step(z) - z) / (j + 2))
+    torch.testing.assert_close(damped, torch.stack(expected), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(damped[:2], plain[:2], rtol=0, atol=0)
+    assert (damped[2:] - plain[2:]).abs().max() > 1e-2  # the knob does change the extra steps
+
+
+def test_damped_extra_steps_generate_as_without_a_cache_and_change_nothing_at_the_trained_steps(tokenizer):
+    model = tiny_model(ebt_type="time_embed", denoising_initial_condition="zeros", mcmc_step_size=300.0)
+    inputs = tokenizer(["To be, or not"], return_tensors="pt")
+    steps = model.config.evaluation_steps
+    cached = greedy(model, **inputs, damp_extra_steps=True, mcmc_num_steps=steps + 3)
+    assert torch.equal(cached, greedy(model, **inputs, damp_extra_steps=True, mcmc_num_steps=steps + 3,
+                                      recompute=True))
+    assert torch.equal(greedy(model, **inputs, damp_extra_steps=True), greedy(model, **inputs))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mcmc_num_steps=0), "steps=0 is invalid: expected an integer >= 1"),
     (dict(num_candidates=0), "num_candidates=0 is invalid"),
