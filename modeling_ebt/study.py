@@ -105,14 +105,16 @@ def prediction_loss(model, batches, thinking: ThinkingConfig | None = None, seed
     return total / count
 
 
-def thinking_settings(model, args: StudyArguments) -> list[tuple[int, int, bool, bool]]:
-    """(steps, candidates, langevin, accept_lower_energies) rows of one EBT: steps alone, with and without noise,
-    and without noise keeping only the steps that lower the energy; candidates alone, with and without noise."""
+def thinking_settings(model, args: StudyArguments) -> list[tuple[int, int, bool, bool, bool]]:
+    """(steps, candidates, langevin, accept_lower_energies, damp_extra_steps) rows of one EBT: steps alone, with and
+    without noise, without noise keeping only the steps that lower the energy, and (beyond the trained steps) without
+    noise with damped extra steps; candidates alone, with and without noise."""
     trained = model.config.evaluation_steps
-    rows = [(s, 1, noisy, accept) for s in args.steps for noisy, accept in ((False, False), (True, False),
-                                                                             (False, True))]
-    rows += [(trained, n, noisy, False) for n in args.candidates for noisy in (False, True)
-             if (trained, n, noisy, False) not in rows]
+    rows = [(s, 1, noisy, accept, False) for s in args.steps for noisy, accept in ((False, False), (True, False),
+                                                                                    (False, True))]
+    rows += [(s, 1, False, False, True) for s in args.steps if s > trained]
+    rows += [(trained, n, noisy, False, False) for n in args.candidates for noisy in (False, True)
+             if (trained, n, noisy, False, False) not in rows]
     return rows
 
 
@@ -122,25 +124,27 @@ def noise_of(model, args: StudyArguments, langevin: bool) -> float:
 
 
 def score_ebt(name, model, corpus, batches, args: StudyArguments) -> list[dict[str, Any]]:
-    def row(steps, candidates, langevin, accept, **extra):
+    def row(steps, candidates, langevin, accept, damped, **extra):
         thinking = ThinkingConfig(steps=steps, num_candidates=candidates, accept_lower_energies=accept,
-                                  langevin_noise=noise_of(model, args, langevin))
+                                  damp_extra_steps=damped, langevin_noise=noise_of(model, args, langevin))
         return {"model": name, "corpus": corpus, "steps": steps, "candidates": candidates, "langevin": langevin,
-                "accept_lower_energies": accept, "loss": prediction_loss(model, batches, thinking, args.seed), **extra}
+                "accept_lower_energies": accept, "damp_extra_steps": damped,
+                "loss": prediction_loss(model, batches, thinking, args.seed), **extra}
 
     rows = [row(*setting) for setting in thinking_settings(model, args)]
     best = min(rows, key=lambda r: r["loss"])
     scored = {setting_of(r) for r in rows}
     for steps in sorted({best["steps"], 2 * best["steps"]}):  # the best single knobs, combined
         for candidates in sorted({best["candidates"], max(args.candidates)} - {1}):
-            setting = (steps, candidates, best["langevin"], best["accept_lower_energies"])
+            setting = (steps, candidates, *setting_of(best)[2:])
             if setting not in scored:
                 rows.append(row(*setting, combined=True))
     return rows
 
 
 def setting_of(row) -> tuple:
-    return row["steps"], row["candidates"], row["langevin"], row.get("accept_lower_energies", False)
+    return (row["steps"], row["candidates"], row["langevin"], row.get("accept_lower_energies", False),
+            row.get("damp_extra_steps", False))
 
 
 def score(models, corpora: dict[str, list], args: StudyArguments) -> list[dict[str, Any]]:
@@ -149,7 +153,7 @@ def score(models, corpora: dict[str, list], args: StudyArguments) -> list[dict[s
         for name, model in models.items():
             if name == "llama":
                 results.append({"model": name, "corpus": corpus, "steps": None, "candidates": None,
-                                "langevin": None, "accept_lower_energies": None,
+                                "langevin": None, "accept_lower_energies": None, "damp_extra_steps": None,
                                 "loss": prediction_loss(model, batches)})
             else:
                 results += score_ebt(name, model, corpus, batches, args)
@@ -211,12 +215,12 @@ def perplexity(loss: float) -> float:
 
 def summarize(rows: list[dict], trained: int, fewest: int) -> dict[str, Any]:
     """One EBT on one corpus: the loss at the trained (most) and the fewest trained steps; the thinking gain against
-    each, in % perplexity: the best setting (steps, candidates, langevin, accept_lower_energies) that spends at least
-    that many steps (thinking is more compute, never fewer steps); and the loss at 2× and 4× the trained steps minus
-    the trained loss ("thinking longer"). `best` is the lowest loss of any row, fewer steps included."""
+    each, in % perplexity: the best setting (steps, candidates, langevin, accept_lower_energies, damp_extra_steps)
+    that spends at least that many steps (thinking is more compute, never fewer steps); and the loss at 2× and 4× the
+    trained steps minus the trained loss ("thinking longer"; also accepting only lower energies, and damped). `best` is the lowest loss of any row, fewer steps included."""
     loss = {setting_of(r): r["loss"] for r in rows}
     best = min(rows, key=lambda r: r["loss"])
-    at_trained, at_fewest = loss[(trained, 1, False, False)], loss[(fewest, 1, False, False)]
+    at_trained, at_fewest = loss[(trained, 1, False, False, False)], loss[(fewest, 1, False, False, False)]
     thinking = min((r for r in rows if r["steps"] >= trained), key=lambda r: r["loss"])
     thinking_from_fewest = min((r for r in rows if r["steps"] >= fewest), key=lambda r: r["loss"])
     out = {"trained": at_trained, "fewest": at_fewest, "best": best["loss"], "best_setting": list(setting_of(best)),
@@ -226,10 +230,9 @@ def summarize(rows: list[dict], trained: int, fewest: int) -> dict[str, Any]:
            "thinking_from_fewest_setting": list(setting_of(thinking_from_fewest)),
            "gain_vs_fewest_pct": 100 * (1 - perplexity(thinking_from_fewest["loss"] - at_fewest))}
     for times in (2, 4):
-        for accept in (False, True):
-            if (times * trained, 1, False, accept) in loss:
-                key = f"longer_{times}x" + ("_accepting_lower" if accept else "")
-                out[key] = loss[(times * trained, 1, False, accept)] - at_trained
+        for suffix, accept, damped in (("", False, False), ("_accepting_lower", True, False), ("_damped", False, True)):
+            if (times * trained, 1, False, accept, damped) in loss:
+                out[f"longer_{times}x{suffix}"] = loss[(times * trained, 1, False, accept, damped)] - at_trained
     return out
 
 
@@ -250,15 +253,17 @@ def gain(report, row, steps_key: str) -> float:
     the Llama)."""
     steps = report.get(steps_key, {}).get(row["model"])
     base = next((r["loss"] for r in report["results"] if r["model"] == row["model"] and r["corpus"] == row["corpus"]
-                 and setting_of(r) == (steps, 1, False, False)), row["loss"])
+                 and setting_of(r) == (steps, 1, False, False, False)), row["loss"])
     return 100 * (1 - perplexity(row["loss"] - base))
 
 
 def table(report) -> str:
-    lines = ["model  corpus                          steps cand langevin accept   loss   ppl  gain vs trained, fewest"]
+    lines = ["model  corpus                          steps cand langevin accept damped   loss   ppl  "
+             "gain vs trained, fewest"]
     for row in report["results"]:
         lines.append(f"{row['model']:6} {str(row['corpus'])[-31:]:31} {row['steps']!s:>5} {row['candidates']!s:>4} "
-                     f"{row['langevin']!s:>8} {row.get('accept_lower_energies')!s:>6} {row['loss']:6.4f} "
+                     f"{row['langevin']!s:>8} {row.get('accept_lower_energies')!s:>6} "
+                     f"{row.get('damp_extra_steps')!s:>6} {row['loss']:6.4f} "
                      f"{perplexity(row['loss']):5.3g} {gain(report, row, 'trained_steps'):+6.1f}% "
                      f"{gain(report, row, 'fewest_trained_steps'):+6.1f}%")
     return "\n".join(lines)

@@ -27,7 +27,7 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
     out = tmp_path / "study"
     status = main(["study", "thinking", "--output-dir", str(out), "--max-steps", "3", "--corpus",
                    str(TINY_SHAKESPEARE), "--ood-corpus", str(ood), "--block-size", "32", "--batch-size", "4",
-                   "--eval-samples", "4", "--steps", "1", "2", "--candidates", "1", "2", "--cache-dir",
+                   "--eval-samples", "4", "--steps", "1", "2", "4", "--candidates", "1", "2", "--cache-dir",
                    str(tmp_path / "cache")])
     assert status == 0
     report = json.loads((out / "thinking_study.json").read_text())
@@ -46,15 +46,20 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
     assert {(1, False), (2, False), (1, True), (2, True)} <= s1_steps
     assert any(r["candidates"] == 2 for r in rows if r["model"] == "s2")
     assert report["fewest_trained_steps"] == {"s1": 2, "s2": 2}  # s2-cpu draws 2 or 3 steps
+    damped = [r for r in rows if r["damp_extra_steps"]]  # beyond the trained steps only
+    assert all(r["steps"] > report["trained_steps"][r["model"]] for r in damped)
+    assert {(r["model"], r["corpus"], r["steps"], r["langevin"], r["accept_lower_energies"]) for r in damped
+            if not r.get("combined")} == {(m, c, 4, False, False) for m in ("s1", "s2") for c in ("validation", str(ood))}
 
     # the summary: each EBT's losses at its fewest and most trained steps, its best row and the gains against both
     assert len(report["summary"]) == 4
     for entry in report["summary"]:
         mine = [r for r in rows if r["model"] == entry["model"] and r["corpus"] == entry["corpus"]]
 
-        def plain(steps, mine=mine):
+        def plain(steps, mine=mine, damped=False):
             return next(r["loss"] for r in mine if (r["steps"], r["candidates"], r["langevin"],
-                                                    r["accept_lower_energies"]) == (steps, 1, False, False))
+                                                    r["accept_lower_energies"], r["damp_extra_steps"])
+                        == (steps, 1, False, False, damped))
         trained = report["trained_steps"][entry["model"]]
         assert entry["trained"] == plain(trained) and entry["fewest"] == plain(2)
         assert entry["best"] == min(r["loss"] for r in mine)
@@ -63,6 +68,9 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
         assert (entry["thinking"], entry["thinking_from_fewest"]) == (thinking, from_fewest)
         assert entry["gain_pct"] == pytest.approx(100 * (1 - math.exp(thinking - entry["trained"])))
         assert entry["gain_vs_fewest_pct"] == pytest.approx(100 * (1 - math.exp(from_fewest - entry["fewest"])))
+        if entry["model"] == "s1":  # 4 steps = 2x the trained 2, plain and damped
+            assert entry["longer_2x"] == plain(4) - entry["trained"]
+            assert entry["longer_2x_damped"] == plain(4, damped=True) - entry["trained"]
         assert entry["llama"] == next(r["loss"] for r in rows if r["model"] == "llama"
                                       and r["corpus"] == entry["corpus"])
 
@@ -71,10 +79,13 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
                                cache_dir=tmp_path / "cache")["validation"].select(range(4))
     batches = [{k: torch.as_tensor(v) for k, v in blocks[0:4].items()}]
     s1 = EBTForCausalLM.from_pretrained(out / "s1").eval()
-    for steps, accept in ((1, False), (2, True)):  # a plain row and one that keeps only steps lowering the energy
+    # a plain row, one that keeps only steps lowering the energy, one with damped extra steps
+    for steps, accept, damped in ((1, False, False), (2, True, False), (4, False, True)):
         row = next(r for r in rows if r["model"] == "s1" and r["corpus"] == "validation" and r["steps"] == steps
-                   and r["candidates"] == 1 and not r["langevin"] and r["accept_lower_energies"] == accept)
-        thinking = ThinkingConfig(steps=steps, langevin_noise=0.0, accept_lower_energies=accept)
+                   and r["candidates"] == 1 and not r["langevin"] and r["accept_lower_energies"] == accept
+                   and r["damp_extra_steps"] == damped)
+        thinking = ThinkingConfig(steps=steps, langevin_noise=0.0, accept_lower_energies=accept,
+                                  damp_extra_steps=damped)
         assert prediction_loss(s1, batches, thinking) == pytest.approx(row["loss"], rel=1e-5)
     llama = AutoModelForCausalLM.from_pretrained(out / "llama").eval()
     with torch.no_grad():
@@ -110,7 +121,8 @@ def test_thinking_search_records_each_setting_with_the_studys_summary(tmp_path):
         steps = {r["steps"] for r in record["rows"] if r["candidates"] == 1}
         assert steps == {1, 2, 3, 6, 12}
         plain = next(r["loss"] for r in record["rows"] if (r["steps"], r["candidates"], r["langevin"],
-                                                           r["accept_lower_energies"]) == (3, 1, False, False))
+                                                           r["accept_lower_energies"], r["damp_extra_steps"])
+                     == (3, 1, False, False, False))
         assert record["summary"]["validation"]["trained"] == plain
     model = EBTForCausalLM.from_pretrained(tmp_path / "models" / "alpha20-seed0")
     assert float(model.alpha.detach()) == 20.0
