@@ -217,7 +217,8 @@ def summarize(rows: list[dict], trained: int, fewest: int) -> dict[str, Any]:
     """One EBT on one corpus: the loss at the trained (most) and the fewest trained steps; the thinking gain against
     each, in % perplexity: the best setting (steps, candidates, langevin, accept_lower_energies, damp_extra_steps)
     that spends at least that many steps (thinking is more compute, never fewer steps); and the loss at 2× and 4× the
-    trained steps minus the trained loss ("thinking longer"; also accepting only lower energies, and damped). `best` is the lowest loss of any row, fewer steps included."""
+    trained steps minus the trained loss ("thinking longer"; also accepting only lower energies, and damped). `best`
+    is the lowest loss of any row, fewer steps included."""
     loss = {setting_of(r): r["loss"] for r in rows}
     best = min(rows, key=lambda r: r["loss"])
     at_trained, at_fewest = loss[(trained, 1, False, False, False)], loss[(fewest, 1, False, False, False)]

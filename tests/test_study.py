@@ -49,7 +49,8 @@ def test_thinking_study_trains_three_models_and_scores_them_on_the_same_blocks(t
     damped = [r for r in rows if r["damp_extra_steps"]]  # beyond the trained steps only
     assert all(r["steps"] > report["trained_steps"][r["model"]] for r in damped)
     assert {(r["model"], r["corpus"], r["steps"], r["langevin"], r["accept_lower_energies"]) for r in damped
-            if not r.get("combined")} == {(m, c, 4, False, False) for m in ("s1", "s2") for c in ("validation", str(ood))}
+            if not r.get("combined")} == {(m, c, 4, False, False) for m in ("s1", "s2")
+                                          for c in ("validation", str(ood))}
 
     # the summary: each EBT's losses at its fewest and most trained steps, its best row and the gains against both
     assert len(report["summary"]) == 4
