@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 
 from .arguments import StudyArguments, add_train_parser, unknown_flags_message
 from .arguments import options_from_namespace as train_options
+from .checkpointing import write_text_atomic
 from .constants import EVAL_FILENAME, EVAL_PLOT_FILENAME, OPTIONS_FILENAME, SUMMARY_FILENAME
 
 
@@ -233,7 +234,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     }
     out = Path(args.output or args.model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / EVAL_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / EVAL_FILENAME, json.dumps(report, indent=2) + "\n")
     _plot(report, out / EVAL_PLOT_FILENAME)
     print(f"wrote {out / EVAL_FILENAME} and {out / EVAL_PLOT_FILENAME}")
     return 0

@@ -21,6 +21,8 @@ class ValidatedConfig:
     config.json. `intermediate_size` and `num_key_value_heads` default to `hidden_size` and `num_attention_heads`."""
 
     field_rules = {}  # set per config class, below the rules
+    # head_dim must be a multiple of this: rotary embeddings rotate pairs of dimensions (along two axes for images)
+    head_dim_multiple, head_dim_reason = 2, "rotary embeddings rotate pairs of dimensions"
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
@@ -47,6 +49,26 @@ class ValidatedConfig:
         for field in self.field_rules:
             _check_field(field, getattr(self, field), self.field_rules, type(self).__name__)
         self._check_relations()
+
+    def _require(self, ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(self).__name__}.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
+
+    def _check_relations(self):
+        """The relations of the fields both models have: the transformer's shape and the random step counts."""
+        require = self._require
+        for field in ("intermediate_size", "num_key_value_heads"):
+            require(getattr(self, field) is not None, field, "an integer >= 1")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                f"a multiple of num_attention_heads={self.num_attention_heads}")
+        require(self.head_dim % self.head_dim_multiple == 0, "hidden_size",
+                f"hidden_size / num_attention_heads to be a multiple of {self.head_dim_multiple} "
+                f"({self.head_dim_reason})")
+        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                f"a divisor of num_attention_heads={self.num_attention_heads}")
+        require(self.randomize_mcmc_num_steps_min <= self.randomize_mcmc_num_steps + 1,
+                "randomize_mcmc_num_steps_min", f"an integer in [1, randomize_mcmc_num_steps + 1 = "
+                f"{self.randomize_mcmc_num_steps + 1}]")
 
 
 class EBTConfig(ValidatedConfig, PreTrainedConfig):
@@ -154,27 +176,14 @@ class EBTConfig(ValidatedConfig, PreTrainedConfig):
         return self.mcmc_num_steps if self.ebt_type == "time_embed" else 1
 
     def _check_relations(self):
-        def require(ok, field, expected):
-            if not ok:
-                raise ValueError(f"EBTConfig.{field}={getattr(self, field)!r} is invalid: expected {expected}.")
-
-        for field in ("intermediate_size", "num_key_value_heads"):
-            require(getattr(self, field) is not None, field, "an integer >= 1")
-        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                f"a multiple of num_attention_heads={self.num_attention_heads}")
-        require(self.head_dim % 2 == 0, "hidden_size",
-                "hidden_size / num_attention_heads to be even (rotary embeddings rotate pairs of dimensions)")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-                f"a divisor of num_attention_heads={self.num_attention_heads}")
+        super()._check_relations()
+        require = self._require
         require(self.sliding_window is None or self.sliding_window <= self.max_position_embeddings, "sliding_window",
                 f"None or an integer in [1, max_position_embeddings={self.max_position_embeddings}]")
         require(self.num_sink_tokens < self.max_position_embeddings, "num_sink_tokens",
                 f"an integer in [0, max_position_embeddings={self.max_position_embeddings})")
         require(self.num_sink_tokens == 0 or self.sliding_window is not None, "num_sink_tokens",
                 "0 without a sliding_window (under full attention every token is visible anyway)")
-        require(self.randomize_mcmc_num_steps_min <= self.randomize_mcmc_num_steps + 1,
-                "randomize_mcmc_num_steps_min", f"an integer in [1, randomize_mcmc_num_steps + 1 = "
-                f"{self.randomize_mcmc_num_steps + 1}]")
         require(self.normalize_initial_condition or not self.vocab_to_embed_uses_prob_dist,
                 "vocab_to_embed_uses_prob_dist", "False when normalize_initial_condition=False (p · E needs a "
                 "probability distribution)")

@@ -48,6 +48,7 @@ class EBTVisionConfig(ValidatedConfig, PreTrainedConfig):
     """
 
     model_type = "ebt_vision"
+    head_dim_multiple, head_dim_reason = 4, "2-D rotary embeddings rotate pairs of dimensions along each of two axes"
     # the Trainer's predictions are the denoised images alone (`images`; per-step outputs have a steps axis first)
     keys_to_ignore_at_inference = ["step_images", "energies", "step_losses", "final_energies", "descent_steps"]
 
@@ -93,21 +94,9 @@ class EBTVisionConfig(ValidatedConfig, PreTrainedConfig):
         return self.patches_per_side**2
 
     def _check_relations(self):
-        def require(ok, field, expected):
-            if not ok:
-                raise ValueError(f"{type(self).__name__}.{field}={getattr(self, field)!r} is invalid: expected "
-                                 f"{expected}.")
-
-        require(self.image_size % self.patch_size == 0, "patch_size", f"a divisor of image_size={self.image_size}")
-        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                f"a multiple of num_attention_heads={self.num_attention_heads}")
-        require(self.head_dim % 4 == 0, "hidden_size", "hidden_size / num_attention_heads to be a multiple of 4 (2-D "
-                "rotary embeddings rotate pairs of dimensions along each of the two axes)")
-        require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-                f"a divisor of num_attention_heads={self.num_attention_heads}")
-        require(self.randomize_mcmc_num_steps_min <= self.randomize_mcmc_num_steps + 1,
-                "randomize_mcmc_num_steps_min", f"an integer in [1, randomize_mcmc_num_steps + 1 = "
-                f"{self.randomize_mcmc_num_steps + 1}]")
+        super()._check_relations()
+        self._require(self.image_size % self.patch_size == 0, "patch_size",
+                      f"a divisor of image_size={self.image_size}")
 
 
 # The language EBT's rules for the shared fields, plus the image fields'

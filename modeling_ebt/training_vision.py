@@ -19,30 +19,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import TrainerCallback, set_seed
 
 from . import presets
 from .arguments import TrainOptions
 from .checkpointing import RunLock, write_text_atomic
 from .configuration_ebt_vision import EBTVisionConfig
-from .constants import DEFAULT_RECIPE, SUMMARY_FILENAME
+from .constants import DEFAULT_RECIPE, DENOISE_EVAL_FILENAME
 from .image_processing_ebt import EBTImageProcessor
 from .images import NoisyImageCollator, add_noise, load_denoising_splits, mse, psnr
 from .modeling_ebt_vision import EBTForImageDenoising
-from .training import EBTTrainer, _prepare_output_dir, _say, build_training_arguments, check_output_dir
+from .training import (
+    EBTTrainerBase,
+    _prepare_output_dir,
+    _say,
+    build_training_arguments,
+    check_output_dir,
+    save_final_model,
+)
 
-EVAL_FILENAME = "denoise_eval.json"
 NOISE_LEVELS = (0.1, 0.2, 0.3)  # the trained level (0.2 by default) and one below and above it
 # TrainingArguments defaults of `ebt train --task denoise` (below the flags given)
 DENOISE_TRAINING = {"learning_rate": 1e-3, "weight_decay": 0.01, "max_grad_norm": 1.0, "warmup_steps": 0.05,
                     "lr_scheduler_type": "cosine", "per_device_train_batch_size": 32}
 
 
-class DenoisingTrainer(Trainer):
-    """The stock `Trainer` with the paper's parameter groups (α alone, at the learning rate ×
-    `mcmc_step_size_lr_multiplier`, no weight decay), as `EBTTrainer` builds them."""
-
-    create_optimizer = EBTTrainer.create_optimizer
+class DenoisingTrainer(EBTTrainerBase):
+    """The trainer of `ebt train --task denoise`: `EBTTrainerBase` as it is (the model returns its loss), i.e. the
+    stock `Trainer` with the paper's parameter groups (α alone, at the learning rate ×
+    `mcmc_step_size_lr_multiplier`, no weight decay), the α-collapse guard, no token in `training_args.bin` and
+    checkpoints renamed into place once complete."""
 
 
 @dataclasses.dataclass
@@ -146,10 +152,7 @@ def run_denoise_training(options: TrainOptions, callbacks: list[TrainerCallback]
             "eval": quality, "eval_samples": len(validation), "seed": args.seed,
         }
         folder = Path(options.output_dir)
-        trainer.save_model(str(folder))
-        if trainer.is_world_process_zero():
-            EBTImageProcessor.for_config(config).save_pretrained(folder)
-            write_text_atomic(folder / SUMMARY_FILENAME, json.dumps(summary, indent=2) + "\n")
+        save_final_model(trainer, EBTImageProcessor.for_config(config), folder, summary)
         evaluated = (f"PSNR {quality['psnr']:.2f} dB (noisy {quality['noisy_psnr']:.2f} dB) at noise level "
                      f"{config.noise_level}" if quality else "not evaluated (--eval-samples 0)")
         _say(f"saved the denoiser to {folder} after {summary['steps']} steps; {evaluated}", args.process_index == 0)
@@ -208,12 +211,12 @@ def run_denoise_eval(model_dir: str, levels, steps, candidates, eval_samples: in
     report = {"model_dir": str(model_dir), **evaluate_denoiser(model, clean, levels, steps, candidates, seed)}
     folder = Path(output or model_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / EVAL_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(folder / DENOISE_EVAL_FILENAME, json.dumps(report, indent=2) + "\n")
     for level, entry in report["levels"].items():
         rows = [f"{kind}={k}: {v['psnr']:.2f}" for kind, key in (("steps", "by_steps"), ("candidates", "by_candidates"))
                 for k, v in entry[key].items()]
         print(f"noise level {level}: noisy {entry['noisy_psnr']:.2f} dB | " + " | ".join(rows))
-    print(f"wrote {folder / EVAL_FILENAME}")
+    print(f"wrote {folder / DENOISE_EVAL_FILENAME}")
     return report
 
 

@@ -424,3 +424,61 @@ def test_cli_rejects_language_options_for_denoising(tmp_path, capsys):
     assert main(["train", "--task", "denoise", "--output-dir", str(tmp_path / "x"), "--max-steps", "1",
                  "--corpus", "some.txt"]) == 1
     assert "--corpus does not apply to --task denoise" in capsys.readouterr().err
+
+
+# --- the denoiser's run folder: no token on disk, checkpoints and the final save renamed into place ---------------
+
+
+def test_a_denoising_run_writes_no_token_and_only_complete_checkpoints(tmp_path):
+    from modeling_ebt.checkpointing import is_complete_checkpoint
+
+    token = "hf_FakeTokenForTheVisionRunTest4321"
+    out = tmp_path / "denoiser"
+    assert main(["train", "--task", "denoise", "--output-dir", str(out), "--max-steps", "4", "--save-steps", "2",
+                 "--training-arg", f"hub_token={token}", *TINY_FLAGS]) == 0
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert [p for p in written if token.encode() in p.read_bytes()] == []
+    args = torch.load(out / "checkpoint-4" / "training_args.bin", weights_only=False)
+    assert args.hub_token is None and args.max_steps == 4
+    assert [p.name for p in out.iterdir() if p.name.startswith("tmp-")] == []
+    assert is_complete_checkpoint(out / "checkpoint-2") and is_complete_checkpoint(out / "checkpoint-4")
+    # the final model is the last step's weights
+    final = AutoModelForImageToImage.from_pretrained(out)
+    last = AutoModelForImageToImage.from_pretrained(out / "checkpoint-4")
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), last.state_dict().values()))
+
+
+def test_the_denoising_trainer_refuses_to_push_a_hub_token_and_stops_a_collapsed_step_size(tmp_path):
+    from modeling_ebt.training import DescentCollapseError
+    from modeling_ebt.training_vision import DenoisingTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="alice/x", report_to="none",
+                             hub_token="hf_FakeTokenThatMustNotBeUploaded8765", use_cpu=True)
+    with pytest.raises(ValueError, match="upload the token inside training_args.bin"):
+        DenoisingTrainer(model=tiny_denoiser(), args=args)
+    # α learnt down to its floor: the guard of the language trainer stops this one too, naming what to change
+    model = tiny_denoiser().train()
+    with torch.no_grad():
+        model.alpha.fill_(1e-5)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to="none", use_cpu=True,
+                             per_device_train_batch_size=2, save_strategy="no")
+    rows = [{"pixel_values": x, "labels": x} for x in images(4)]
+    with pytest.raises(DescentCollapseError, match="mcmc_step_size_lr_multiplier=9000"):
+        DenoisingTrainer(model=model, args=args, train_dataset=rows).train()
+
+
+def test_a_denoising_run_killed_in_its_final_save_leaves_no_partial_file_and_can_be_redone(tmp_path):
+    out = tmp_path / "denoiser"
+    flags = ["-m", "modeling_ebt.cli", "train", "--task", "denoise", "--output-dir", str(out), "--max-steps", "2",
+             *TINY_FLAGS]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "EBT_FAULT_INJECTION": "final-file-committed=kill@1"}
+    killed = subprocess.run([sys.executable, *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "training_summary.json").exists()  # the run is not marked finished
+    assert (out / "tmp-final").is_dir() and len(list((out / "tmp-final").iterdir())) >= 2
+    committed = [p.name for p in out.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")]
+    assert "model.safetensors" not in committed or "config.json" not in committed  # one file moved, not all
+    assert main(["train", "--task", "denoise", "--output-dir", str(out), "--max-steps", "2", "--overwrite",
+                 *TINY_FLAGS]) == 0
+    assert not (out / "tmp-final").exists() and (out / "training_summary.json").is_file()
+    assert AutoModelForImageToImage.from_pretrained(out).config.image_size == 8
