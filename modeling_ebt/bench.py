@@ -357,7 +357,7 @@ class TrainJob:
             torch.set_num_threads(spec["threads"])
             torch.manual_seed(spec["seed"])
             self.model = bench_reference.build_reference(spec["reference_repo"], spec["config"], spec["batch"],
-                                                         spec["seq"]).to(spec["device"]).train()
+                                                         spec["seq"]).to(spec["device"], DTYPES[spec["dtype"]]).train()
         else:
             self.model = build_model(spec).train()
         if spec["checkpointing"]:
@@ -425,10 +425,11 @@ def train_cases(variants: list[str], args) -> list[dict]:
                   checkpointing=label == "ours+ckpt")
              for variant in variants for autocast, suffix in precisions(args)
              for label in ("ours", "ours+ckpt", "recompute")]
-    if args.reference_repo:
-        cases += [dict(label="reference", model="reference", variant=variant, recompute=False, checkpointing=False,
-                       config=ebt_config(args.size, variant, positions), reference_repo=args.reference_repo)
-                  for variant in variants]
+    if args.reference_repo:  # at --dtype, and under --autocast too, like the rows it is the yardstick of
+        cases += [dict(label="reference" + suffix, model="reference", variant=variant, autocast=autocast,
+                       recompute=False, checkpointing=False, config=ebt_config(args.size, variant, positions),
+                       reference_repo=args.reference_repo)
+                  for variant in variants for autocast, suffix in precisions(args)]
     cases += [dict(label="llama" + suffix, model="llama", variant=None, autocast=autocast,
                    config=llama_config(args.size, positions), recompute=False, checkpointing=False)
               for autocast, suffix in precisions(args)]
@@ -536,14 +537,19 @@ def train_targets(variant: str, rows: list[dict], args, mode: str = "ours") -> l
 
 
 def baseline_targets(variant: str, rows: list[dict], args) -> list[Target]:
-    """The recompute baseline against the reference code in the same run: recompute/reference per figure."""
+    """The recompute baseline against the reference code in the same run, at each precision (float32, and the
+    `--autocast` dtype when given): recompute/reference per figure."""
     def row(label):
         return next((r for r in rows if r["label"] == label and r["variant"] == variant and not r["error"]), {})
 
-    rec, ref = row("recompute"), row("reference")
     names = dict(flops_per_token="FLOPs/token", tokens_per_s="tokens/s", peak_memory=f"peak {memory_name(args)}")
-    return [Target(f"{variant}: recompute/reference {names[key]}", ratio(rec.get(key), ref.get(key)), "±", tolerance)
-            for key, tolerance in BASELINE_TOLERANCES.items()]
+    targets = []
+    for _, suffix in precisions(args):
+        rec, ref = row("recompute" + suffix), row("reference" + suffix)
+        targets += [Target(f"{variant}: recompute{suffix}/reference{suffix} {names[key]}",
+                           ratio(rec.get(key), ref.get(key)), "±", tolerance)
+                    for key, tolerance in BASELINE_TOLERANCES.items()]
+    return targets
 
 
 def print_train(rows: list[dict], sanity: dict, timings: list, args, revision) -> None:

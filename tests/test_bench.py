@@ -265,3 +265,25 @@ def test_device_check_without_a_gpu_fails_clearly():
                           text=True, timeout=120)
     assert done.returncode == 2
     assert "no CUDA GPU is visible" in done.stderr and "--dry-run" in done.stderr
+
+
+def test_reference_rows_follow_the_dtype_and_autocast_of_the_rows_they_measure():
+    """The reference code runs at --dtype, and under --autocast as well, each compared with the baseline of its
+    own precision (the rows' building and targets; running the reference itself needs its checkout)."""
+    args = bench.parse_args(["train", "--variants", "default", "--autocast", "bfloat16", "--dtype", "bfloat16",
+                             "--reference-repo", "/nowhere/EBT"])
+    cases = [c for c in bench.train_cases(["default"], args) if c["model"] == "reference"]
+    assert [(c["label"], c["autocast"], c["dtype"]) for c in cases] == [("reference", None, "bfloat16"),
+                                                                         ("reference+bf16", "bfloat16", "bfloat16")]
+    assert all(c["reference_repo"] == "/nowhere/EBT" for c in cases)
+
+    def row(label, tokens_per_s):
+        return dict(label=label, variant="default", error=None, tokens_per_s=tokens_per_s, flops_per_token=1e9,
+                    peak_memory=2**30)
+
+    rows = [row("recompute", 100.0), row("reference", 95.0), row("recompute+bf16", 200.0), row("reference+bf16", 100.0)]
+    targets = {t.name: t for t in bench.baseline_targets("default", rows, args)}
+    assert set(targets) == {f"default: recompute{s}/reference{s} {figure}" for s in ("", "+bf16")
+                            for figure in ("FLOPs/token", "tokens/s", "peak RSS")}
+    assert targets["default: recompute/reference tokens/s"].value == pytest.approx(100 / 95)
+    assert targets["default: recompute+bf16/reference+bf16 tokens/s"].value == pytest.approx(2.0)
