@@ -4,8 +4,10 @@
   the paper's System 1 / System 2 recipes, plus the small CPU recipe of the README's main job, read from the JSON
   files of `configuration/` that ship with the package (`modeling_ebt.presets`).
 - `ebt_optimizer_groups`: the paper's parameter groups (the step size α alone, with its own learning rate).
-- `EBTTrainer`: a small `Trainer` that uses those groups and logs what the descent does (loss per step, energy gap
-  between the first and last step, α); evaluation adds the last step's loss and the perplexity.
+- `EBTTrainerBase`: the `Trainer` with those groups, the collapse guard, no token on disk and checkpoints renamed
+  into place once complete (the base of the image denoiser's trainer too); `EBTTrainer` adds logs of what the
+  descent does (loss per step, energy gap between the first and last step, α) and System 2's replay buffer;
+  evaluation adds the last step's loss and the perplexity.
 - `run_training` / `TrainOptions` (in `modeling_ebt.arguments`): the job behind `ebt train` (validation before anything
   is written, a time budget re-planned as training goes, exact resumption from the last complete checkpoint,
   `training_summary.json`). It runs unchanged under
@@ -333,6 +335,7 @@ class EBTTrainerBase(Trainer):
             for name, value in secrets.items():
                 setattr(self.args, name, value)
         fault_point("weights-written")
+
 
 class EBTTrainer(EBTTrainerBase):
     """`EBTTrainerBase` for language EBTs, with logs of the descent and System 2's replay buffer.
@@ -917,6 +920,7 @@ def _summary(options, size, config, trainer, result, metrics, train_seconds, sto
 __all__ = [
     "DEFAULT_RECIPE",
     "EBTTrainer",
+    "EBTTrainerBase",
     "MODEL_SIZES",
     "RECIPES",
     "TRAINING_DEFAULTS",
