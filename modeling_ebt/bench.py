@@ -733,9 +733,9 @@ def standard_targets(rows: list[dict], args) -> list[Target]:
                                   pair("recompute", 1024, "tokens_per_s"), ">=", 50))
             targets.append(Target(f"p1024 b{batch}: cached/recompute memory growth",
                                   pair("recompute", 1024, "mem_growth"), "<=", 0.25))
-        for prompt in args.prompt_lengths:
+        for prompt in args.prompt_lengths:  # issue 14 asks 0.22 at prompt 256 and batch 1; 1/6 elsewhere
             targets.append(Target(f"p{prompt} b{batch}: cached/Llama tokens/s", pair("llama", prompt, "tokens_per_s"),
-                                  ">=", 1 / 6))
+                                  ">=", 0.22 if (prompt, batch) == (256, 1) else 1 / 6))
     return targets
 
 

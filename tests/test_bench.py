@@ -287,3 +287,14 @@ def test_reference_rows_follow_the_dtype_and_autocast_of_the_rows_they_measure()
                             for figure in ("FLOPs/token", "tokens/s", "peak RSS")}
     assert targets["default: recompute/reference tokens/s"].value == pytest.approx(100 / 95)
     assert targets["default: recompute+bf16/reference+bf16 tokens/s"].value == pytest.approx(2.0)
+
+
+def test_generation_against_llama_uses_issue_14s_bar_at_prompt_256_batch_1():
+    args = bench.parse_args(["generate", "--prompt-lengths", "256", "--batch-sizes", "1,8"])
+    rows = [dict(rowset="standard", label=label, prompt_len=256, batch=batch, tokens_per_s=speed, flops_per_token=1.0,
+                 mem_growth=1.0, error=None)
+            for batch in (1, 8) for label, speed in (("cached", 21.0), ("recompute", 1.0), ("llama", 100.0))]
+    targets = {t.name: t for t in bench.standard_targets(rows, args)}
+    b1, b8 = targets["p256 b1: cached/Llama tokens/s"], targets["p256 b8: cached/Llama tokens/s"]
+    assert (b1.threshold, b8.threshold) == (0.22, pytest.approx(1 / 6))
+    assert b1.value == pytest.approx(0.21) and not b1.passed and b8.passed
