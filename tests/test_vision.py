@@ -3,6 +3,7 @@ rotary code, the descent and its gradient, candidates, errors), the Auto classes
 `ebt train --task denoise` / `ebt eval` commands, all on tiny models."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -471,7 +472,7 @@ def test_a_denoising_run_killed_in_its_final_save_leaves_no_partial_file_and_can
     out = tmp_path / "denoiser"
     flags = ["-m", "modeling_ebt.cli", "train", "--task", "denoise", "--output-dir", str(out), "--max-steps", "2",
              *TINY_FLAGS]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "EBT_FAULT_INJECTION": "final-file-committed=kill@1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EBT_FAULT_INJECTION": "final-file-committed=kill@1"}
     killed = subprocess.run([sys.executable, *flags], env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "training_summary.json").exists()  # the run is not marked finished
