@@ -102,6 +102,10 @@ class EBTConfig(ValidatedConfig, PreTrainedConfig):
         no_mcmc_detach: backpropagate through the whole chain instead of detaching between steps.
         contrastive_loss_coeff: weight of a contrastive term that pushes the true next token's energy below the
             prediction's (0 disables it).
+        ranking_loss_coeff: weight of a candidate-ranking term (0 disables it): in training each position descends
+            `ranking_num_candidates` candidates, all of them enter the loss, and the final energies of the candidates
+            (scored on their detached final logits) are trained by cross-entropy of softmax(−E) to pick the one that
+            predicts the true next token best: the self-verification of inference (`num_candidates`), trained.
 
     Memory:
         checkpointing_chunks: with activation checkpointing, each descent step's graph is rebuilt in the backward
@@ -150,6 +154,8 @@ class EBTConfig(ValidatedConfig, PreTrainedConfig):
     truncate_mcmc: bool = False
     no_mcmc_detach: bool = False
     contrastive_loss_coeff: float = 0.0
+    ranking_loss_coeff: float = 0.0
+    ranking_num_candidates: int = 2
     checkpointing_chunks: int = 4
 
 
@@ -225,7 +231,8 @@ FIELD_RULES = {
     "num_sink_tokens": (lambda v: _is_int(v) and v >= 0, "an integer in [0, max_position_embeddings)"),
     **dict.fromkeys(("rms_norm_eps", "rope_theta", "mcmc_step_size", "initializer_gain"), _POSITIVE_NUMBER),
     **dict.fromkeys(("mcmc_step_size_lr_multiplier", "gaussian_random_noise_scaling", "langevin_dynamics_noise",
-                     "contrastive_loss_coeff"), _NON_NEGATIVE_NUMBER),
+                     "contrastive_loss_coeff", "ranking_loss_coeff"), _NON_NEGATIVE_NUMBER),
+    "ranking_num_candidates": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (the candidates ranked per position)"),
     "ebt_type": (lambda v: v in EBT_TYPES, f"one of {EBT_TYPES}"),
     "denoising_initial_condition": (lambda v: v in INITIAL_CONDITIONS, f"one of {INITIAL_CONDITIONS}"),
     "randomize_mcmc_num_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables random step counts)"),

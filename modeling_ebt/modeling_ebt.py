@@ -18,7 +18,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -1194,6 +1194,9 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
         if kwargs.get("fused_lm_head"):  # TRL's trainers ask for per-token log-probabilities (see `__setattr__`)
             return self.fused_lm_head_forward(input_ids, labels, attention_mask, position_ids, kwargs)
         thinking = thinking or ThinkingConfig()
+        ranking = self.training and labels is not None and self.config.ranking_loss_coeff > 0
+        if ranking and thinking.num_candidates == 1:
+            thinking = replace(thinking, num_candidates=self.config.ranking_num_candidates)
         cache, use_cache = self._cache_for(kwargs.get("past_key_values", cache), use_cache, labels, thinking)
         past = cache.observed_length() if cache is not None else 0
         keep = self._kept_positions(input_ids, attention_mask, labels, logits_to_keep, past)
@@ -1205,11 +1208,20 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
             energy_fn = self._energy_function(input_ids, attention_mask, position_ids, cache, keep, thinking,
                                               schedule, create_graph)
             descent = self._run_descent(energy_fn, start, schedule, thinking, create_graph)
-            if thinking.num_candidates > 1 or output_final_energies:
+            final_energies = None
+            if ranking:  # with a graph to the weights, not to the descent: it trains the verifier
+                final_energies = energy_fn(self.prediction(descent.states[-1].detach()), schedule[-1])
+                descent.final_energies = final_energies.detach()
+            elif thinking.num_candidates > 1 or output_final_energies:
                 descent.final_energies = self._final_energies(energy_fn, descent, schedule[-1])
+        targets = None if labels is None else self._targets(labels, attention_mask, keep)
+        loss = step_losses = None
+        if ranking:  # every candidate, before self-verification keeps one per position
+            loss, step_losses = self._ranked_loss(descent, final_energies, targets, energy_fn, thinking.num_candidates)
         descent = self._select_candidates(descent, thinking.num_candidates)
+        if targets is not None and not ranking:
+            loss, step_losses = self._loss(descent, targets, energy_fn, thinking.num_candidates)
         reshard_when_backward_ends(fsdp_units, descent.states, descent.energies)
-        loss, step_losses = self._loss(descent, labels, attention_mask, keep, energy_fn, thinking.num_candidates)
         return EBTCausalLMOutput(
             loss=loss, logits=descent.states[-1], energies=descent.energies, step_losses=step_losses,
             step_logits=descent.states if output_step_logits else None, final_energies=descent.final_energies,
@@ -1313,13 +1325,15 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
         lead = {"states": 1, "energies": 1}
         return Descent(**{f.name: pick(getattr(descent, f.name), lead.get(f.name, 0)) for f in fields(descent)})
 
-    def _loss(self, descent, labels, attention_mask, keep, energy_fn, num_candidates=1):
-        if labels is None:
-            return None, None
+    @staticmethod
+    def _targets(labels, attention_mask, keep) -> torch.Tensor:
+        """The next token of each kept position (batch × positions), -100 where there is none or it is padding."""
         targets = labels.clone()
         if attention_mask is not None:
             targets = targets.masked_fill(attention_mask == 0, -100)
-        targets = torch.cat((targets[:, 1:], torch.full_like(targets[:, :1], -100)), dim=1)[:, keep]
+        return torch.cat((targets[:, 1:], torch.full_like(targets[:, :1], -100)), dim=1)[:, keep]
+
+    def _loss(self, descent, targets, energy_fn, num_candidates=1):
         step_losses = torch.stack([
             F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
             for logits in descent.states])
@@ -1330,6 +1344,26 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
             contrastive = self._contrastive(descent.energies[-1], targets, energy_fn, num_candidates)
             loss = loss + self.config.contrastive_loss_coeff * contrastive
         return loss, step_losses.detach()
+
+    def _ranked_loss(self, descent, final_energies, targets, energy_fn, n_cand):
+        """`ranking_loss_coeff`: every candidate's descent in the loss (each is a prediction like any other), plus
+        the ranking of the candidates by their final energies."""
+        loss, step_losses = self._loss(descent, targets.repeat(1, n_cand), energy_fn)
+        ranking = self._ranking(descent.states[-1], final_energies, targets, n_cand)
+        return loss + self.config.ranking_loss_coeff * ranking, step_losses
+
+    @staticmethod
+    def _ranking(final_logits, final_energies, targets, n_cand):
+        """Self-verification, trained: per position, cross-entropy of softmax(−E) over the candidates' final energies
+        against the candidate whose final logits give the true next token the highest probability (for two
+        candidates, a logistic loss on their energy difference)."""
+        with torch.no_grad():
+            log_probs = F.log_softmax(final_logits.float(), dim=-1).unflatten(1, (n_cand, -1))  # B × n × K × V
+            index = targets.clamp(min=0)[:, None, :, None].expand(-1, n_cand, -1, 1)
+            best = log_probs.gather(-1, index).squeeze(-1).argmax(dim=1)  # batch × positions
+        scores = -final_energies.float().unflatten(1, (n_cand, -1)).transpose(1, 2)  # batch × positions × n
+        valid = targets != -100
+        return F.cross_entropy(scores[valid], best[valid])
 
     def _contrastive(self, predicted_energy, targets, energy_fn, num_candidates=1):
         """Cross-entropy that ranks the true next token's energy below the final prediction's (of the chosen
@@ -1360,9 +1394,11 @@ class EBTForCausalLM(EnergyDescentMixin, EBTPreTrainedModel, GenerationMixin):
         (the mean over descent steps, only the last with `truncate_mcmc`), so that TRL's NLL is the model's loss;
         entropy and the metrics from the final logits. Padding-free rows (documents back to back, `position_ids`
         restarting at 0) are descended as one padded row per document, so documents never attend to each other."""
-        if self.config.contrastive_loss_coeff > 0 or (self.config.mcmc_replay_buffer and self.training):
+        if (self.config.contrastive_loss_coeff > 0 or self.config.ranking_loss_coeff > 0
+                or (self.config.mcmc_replay_buffer and self.training)):
             raise ValueError("TRL's trainers compute the loss from per-token log-probabilities, which cannot hold the "
-                             "contrastive term (contrastive_loss_coeff > 0) or replayed rows (mcmc_replay_buffer); "
+                             "contrastive or ranking terms (contrastive_loss_coeff, ranking_loss_coeff > 0) or "
+                             "replayed rows (mcmc_replay_buffer); "
                              "train such a model with transformers' Trainer or modeling_ebt.training.EBTTrainer")
         step_logits = packed_step_logits(self, input_ids, attention_mask, position_ids)
         step_logits = step_logits / getattr(self, "fused_lm_head_temperature", 1.0)

@@ -43,6 +43,8 @@ def test_config_defaults_are_the_papers_system1_recipe():
     ("vocab_size", 0, "vocab_size=0 is invalid"),
     ("truncate_mcmc", "yes", "truncate_mcmc='yes' is invalid: expected True or False"),
     ("tie_word_embeddings", True, "tie_word_embeddings=True is invalid"),
+    ("ranking_num_candidates", 1, "ranking_num_candidates=1 is invalid: expected an integer >= 2"),
+    ("ranking_loss_coeff", -0.5, "ranking_loss_coeff=-0.5 is invalid: expected a number >= 0"),
 ])
 def test_invalid_config_values_are_rejected_with_the_field_name(field, value, message):
     with pytest.raises(ValueError) as error:
@@ -233,6 +235,41 @@ def test_contrastive_term_is_the_true_tokens_energy_ranked_below_the_prediction(
                             thinking=ThinkingConfig(steps=1)).energies[0]
     contrastive = F.softplus(true_energy - out.energies[-1])[:, :-1].mean()  # the last position has no target
     torch.testing.assert_close(out.loss, out.step_losses.mean() + 0.5 * contrastive)
+
+
+@pytest.mark.parametrize("ebt_type", VARIANTS)
+def test_ranking_term_trains_the_final_energy_to_pick_the_best_of_the_candidates(ebt_type):
+    """Training with `ranking_loss_coeff`: 3 candidates per position, every candidate's cross-entropy in the loss, plus
+    the cross-entropy of softmax(−E_final) against the candidate that gives the true next token the highest
+    probability; recomputed here from the candidates' final logits, their energies scored from outside."""
+    import torch.nn.functional as F
+
+    model = tiny_model(ebt_type=ebt_type, ranking_loss_coeff=0.5, ranking_num_candidates=3).train()
+    seen = []
+    select = model._select_candidates
+    model._select_candidates = lambda descent, n: seen.append(descent) or select(descent, n)
+    ids = batch(shape=(2, 10))
+    out = model(ids, labels=ids)
+    (descent,) = seen
+    states = descent.states.detach().unflatten(2, (3, 10))  # steps × batch × candidates × positions × vocab
+    assert not torch.equal(states[-1, :, 0], states[-1, :, 1])  # the candidates start from different noise
+    targets = torch.cat((ids[:, 1:], torch.full_like(ids[:, :1], -100)), dim=1)
+    step_losses = torch.stack([F.cross_entropy(step.flatten(0, 2), targets[:, None].expand(-1, 3, -1).flatten(),
+                                               ignore_index=-100) for step in states])
+    torch.testing.assert_close(out.step_losses, step_losses)
+    with torch.no_grad():  # E(final logits of candidate c) on the last landscape, by the recompute path
+        energies = torch.stack([model.model.energy_recompute(ids, F.softmax(states[-1, :, c], dim=-1),
+                                                             model.config.num_landscapes - 1)
+                                for c in range(3)], dim=-1)  # batch × positions × candidates
+    log_probs = F.log_softmax(states[-1], dim=-1).gather(-1, targets.clamp(min=0)[:, None, :, None].expand(
+        -1, 3, -1, 1)).squeeze(-1)  # batch × candidates × positions
+    best = log_probs.argmax(dim=1)
+    ranking = F.cross_entropy(-energies[:, :-1].flatten(0, 1), best[:, :-1].flatten())
+    torch.testing.assert_close(out.loss, step_losses.mean() + 0.5 * ranking, rtol=1e-5, atol=1e-6)
+    # self-verification keeps, per position, the candidate of lowest final energy
+    torch.testing.assert_close(out.final_energies, energies.min(dim=-1).values, rtol=1e-5, atol=1e-6)
+    picked = energies.argmin(dim=-1)
+    torch.testing.assert_close(out.logits, states[-1].gather(1, picked[:, None, :, None].expand(-1, 1, -1, 257))[:, 0])
 
 
 @pytest.mark.parametrize("fields, fewest, most", [
