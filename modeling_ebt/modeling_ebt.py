@@ -713,7 +713,8 @@ class ThinkingConfig:
 @dataclass
 class EBTCausalLMOutput(ModelOutput):
     """
-    loss: mean cross-entropy over descent steps (only the last with `truncate_mcmc`), plus the contrastive term.
+    loss: mean cross-entropy over descent steps (only the last with `truncate_mcmc`), plus the contrastive and ranking
+        terms (with `ranking_loss_coeff`, the cross-entropy of every candidate in training).
     logits: batch × positions × vocab after the last step; `logits[:, t]` predicts token t + 1.
     energies: steps × batch × positions, the energy at each step before its update.
     step_logits: steps × batch × positions × vocab (with `output_step_logits=True`).
