@@ -130,3 +130,47 @@ def test_thinking_search_records_each_setting_with_the_studys_summary(tmp_path):
     # a second run finds both recorded and trains nothing
     subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
     assert len(results.read_text().splitlines()) == 2
+
+
+@pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason=f"{TINY_SHAKESPEARE} is not on this machine")
+def test_candidate_starts_scores_agree_with_the_models_own_self_verification(tmp_path):
+    """scripts/candidate_starts.py descends candidates as copies of each block; its figures must equal the model's
+    own `num_candidates` path and plain evaluation, computed independently by `prediction_loss`."""
+    import subprocess
+    import sys
+
+    from modeling_ebt.arguments import StudyArguments
+    from modeling_ebt.study import blocks
+
+    from .conftest import tiny_model
+
+    model = tiny_model(ebt_type="time_embed", mcmc_num_steps=1, randomize_mcmc_num_steps=2,
+                       randomize_mcmc_num_steps_min=2, langevin_dynamics_noise=1.0, normalize_initial_condition=True)
+    model.save_pretrained(tmp_path / "model")
+    command = [sys.executable, str(REPO / "scripts/candidate_starts.py"), "--model", str(tmp_path / "model"),
+               "--candidates", "3", "--noise", "0.5", "--corpus", "validation", "--training-corpus",
+               str(TINY_SHAKESPEARE), "--eval-samples", "4", "--block-size", "32", "--batch-size", "2",
+               "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "starts.json")]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    report = json.loads((tmp_path / "starts.json").read_text())
+    rows = {(r["start"], r["noise"]): r for r in report["results"]["validation"]}
+    assert set(rows) == {("independent", 0.0), ("independent", 0.5), ("first_step", 0.5),
+                         ("first_step_perturbed", 0.5)} and report["trained_steps"] == 3
+
+    args = StudyArguments(output_dir=str(tmp_path), eval_samples=4, block_size=32, batch_size=2,
+                          cache_dir=str(tmp_path / "cache"))
+    _, batches = blocks(EBTTokenizer(), str(TINY_SHAKESPEARE), args, model.config)
+    plain = prediction_loss(model, batches, ThinkingConfig(langevin_noise=0.0))
+    best_of_3 = prediction_loss(model, batches, ThinkingConfig(num_candidates=3, langevin_noise=0.0))
+    assert best_of_3 != pytest.approx(plain, abs=1e-4)  # the candidates differ: the check below can fail
+    independent = rows[("independent", 0.0)]
+    assert independent["first"] == pytest.approx(plain, abs=1e-4)
+    assert independent["energy_pick"] == pytest.approx(best_of_3, abs=1e-4)
+    # candidate 1 of the perturbed start is the unperturbed first step, descended the remaining steps: plain
+    assert rows[("first_step_perturbed", 0.5)]["first"] == pytest.approx(plain, abs=1e-4)
+    for row in rows.values():
+        assert row["oracle"] <= min(row["first"], row["energy_pick"]) + 1e-6 and 0 <= row["agreement"] <= 1
+
+    refused = subprocess.run([*command[:4], "--candidates", "1", "--json", str(tmp_path / "x.json")],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 2 and "--candidates must be at least 2" in refused.stderr
