@@ -50,11 +50,11 @@ def descend(model, batch, starts, steps, noise):
 def token_losses(logits, batch):
     """Cross-entropy of each candidate's prediction at each position, N × batch × positions, and the mask of the
     positions that have a next token."""
-    targets = torch.cat((batch["input_ids"][:, 1:], torch.full_like(batch["input_ids"][:, :1], -100)), dim=1)
-    has_next = torch.cat((batch["attention_mask"][:, 1:], torch.zeros_like(targets[:, :1])), dim=1) == 1
-    targets = targets.masked_fill(~has_next, -100).expand(logits.shape[0], *targets.shape)
-    losses = F.cross_entropy(logits.flatten(0, 2).float(), targets.flatten(), ignore_index=-100, reduction="none")
-    return losses.view(targets.shape), has_next
+    ids = batch["input_ids"]
+    targets = EBTForCausalLM._targets(ids, batch["attention_mask"], torch.arange(ids.shape[1]))
+    losses = F.cross_entropy(logits.flatten(0, 2).float(), targets.repeat(logits.shape[0], 1).flatten(),
+                             ignore_index=-100, reduction="none")
+    return losses.view(logits.shape[:3]), targets != -100
 
 
 def tally(logits, energies, batch) -> dict[str, float]:
@@ -113,9 +113,9 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
-    model = EBTForCausalLM.from_pretrained(args.model).eval()
     if args.candidates < 2:
         parser.error("--candidates must be at least 2: the agreement compares candidates 1 and 2")
+    model = EBTForCausalLM.from_pretrained(args.model).eval()
     if model.config.evaluation_steps < 2:
         parser.error(f"{args.model} descends {model.config.evaluation_steps} step: a first step leaves none to "
                      "start candidates from")
